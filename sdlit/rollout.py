@@ -1,0 +1,140 @@
+"""Rollouts: answers sampled from the live solver, batched, with a KV cache, plus their annotations.
+
+A :class:`Rollout` is one sampled answer to one problem. It keeps the exact token ids that were sampled, so the
+teacher and student passes score the very same tokens (the response is never re-tokenized), and the policy
+version (global step) that produced it. Feedback callbacks fill in ``reward``, ``context`` and ``feedback``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sdlit.prompts import student_prompt_ids
+from sdlit.tasks.base import Problem
+
+
+@dataclass
+class Rollout:
+    """One sampled answer and what feedback said about it.
+
+    Attributes:
+        problem: The problem it answers.
+        prompt_ids: Token ids of the student prompt it was sampled from.
+        response_ids: Sampled token ids (EOS included when the model stopped).
+        response: The decoded response text.
+        policy_version: Global step of the weights that sampled it.
+        group: Index of its problem within the batch; rollouts of one problem share it (GRPO groups).
+        correct: Whether its final answer matches the gold answer.
+        reward: Scalar reward set by a feedback callback (e.g. 1.0 / 0.0).
+        context: Teacher context set by a feedback callback (reference solution, critique, ...).
+        context_header: The line introducing ``context`` in the teacher prompt.
+        feedback: Free-form annotations of feedback callbacks (critique case, first error, ...).
+        logprobs: Per-token log-probs under the sampling policy, when known (offline data).
+    """
+
+    problem: Problem
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response: str
+    policy_version: int = 0
+    group: int = 0
+    correct: bool | None = None
+    reward: float | None = None
+    context: str | None = None
+    context_header: str = "Feedback:"
+    feedback: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[float] | None = None
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+) -> list[list[int]]:
+    """Sample ``n`` responses per prompt in one batched ``generate`` call; returns n*len(prompts) id lists.
+
+    Responses are grouped by prompt (all n of prompt 0 first) and cut after the first EOS, which is kept.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p if temperature > 0 else None,
+            top_k=0 if temperature > 0 else None,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    finally:
+        model.train(was_training)
+    eos_ids = _eos_ids(model, tokenizer)
+    return [_cut_at_eos(row.tolist(), eos_ids) for row in output[:, input_ids.shape[1] :]]
+
+
+def sample_rollouts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    policy_version: int = 0,
+) -> list[Rollout]:
+    """Sample ``n`` rollouts per problem from the live solver; rollouts of problem i have ``group == i``."""
+    prompts = [student_prompt_ids(tokenizer, p.question) for p in problems]
+    responses = sample_responses(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return [
+        Rollout(
+            problem=problems[i // n],
+            prompt_ids=prompts[i // n],
+            response_ids=ids,
+            response=text,
+            policy_version=policy_version,
+            group=i // n,
+        )
+        for i, (ids, text) in enumerate(zip(responses, texts))
+    ]
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"):
+    """Left-pad id lists into ``(input_ids, attention_mask)`` tensors."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[: i + 1]
+    return ids

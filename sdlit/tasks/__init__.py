@@ -1,0 +1,9 @@
+"""Problem sources and answer checking: GSM8K files/datasets and procedurally generated arithmetic."""
+
+from sdlit.tasks.answers import extract_answer, is_correct, normalize_number
+from sdlit.tasks.arith import Arith
+from sdlit.tasks.base import DataError, Problem, Task
+from sdlit.tasks.gsm8k import GSM8K, read_problems
+
+__all__ = ["Arith", "DataError", "GSM8K", "Problem", "Task", "extract_answer", "is_correct",
+           "normalize_number", "read_problems"]

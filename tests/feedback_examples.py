@@ -1,0 +1,20 @@
+"""Feedback kinds defined outside sdlit, as a user would: one subclass each, selected from YAML."""
+
+from sdlit.callbacks import Feedback
+
+
+class AnswerHint(Feedback):
+    """The teacher is told the final answer."""
+
+    header = "Hint:"
+
+    def annotate_one(self, rollout):
+        rollout.context = f"The final answer is {rollout.problem.answer}."
+        rollout.context_header = self.header
+
+
+class LengthParityReward(Feedback):
+    """A reward with variance even for a random model: 1 for an even-length response."""
+
+    def annotate_one(self, rollout):
+        rollout.reward = float(len(rollout.response_ids) % 2 == 0)
