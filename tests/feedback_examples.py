@@ -14,7 +14,7 @@ class AnswerHint(Feedback):
 
 
 class LengthParityReward(Feedback):
-    """A reward with variance even for a random model: 1 for an even-length response."""
+    """A reward with variance even for a random model: 1 when the response's token ids sum to an even number."""
 
     def annotate_one(self, rollout):
-        rollout.reward = float(len(rollout.response_ids) % 2 == 0)
+        rollout.reward = float(sum(rollout.response_ids) % 2 == 0)

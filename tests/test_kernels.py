@@ -226,3 +226,30 @@ def test_fused_linear_frozen_weight_and_no_grad():
     with torch.no_grad():
         v = fused_linear_divergence(hs, ht, w)
     _assert_close(v, _logits_then_divergence(hs.detach(), ht, w))
+
+
+def test_second_backward_with_retain_graph():
+    s = _logits(4, 30).requires_grad_(True)
+    loss = per_token_divergence(s, _logits(4, 30, seed=1))
+    loss.sum().backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.sum().backward()
+    _assert_close(s.grad, 2 * first)
+    hs, ht, w, _ = _fused_case()
+    w = w.requires_grad_(True)
+    loss = fused_linear_divergence(hs, ht, w)
+    loss.sum().backward(retain_graph=True)
+    first = w.grad.clone()
+    loss.sum().backward()
+    _assert_close(w.grad, 2 * first)
+
+
+def test_fused_linear_gradcheck_float64():
+    g = torch.Generator().manual_seed(21)
+    hs = torch.randn(5, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    ht = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(9, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    mask = torch.tensor([True, True, False, True, True])
+    for kind in KINDS:  # w.r.t. hidden only: the weight also feeds the stop-gradient teacher logits
+        fn = lambda h: fused_linear_divergence(h, ht, w, mask, kind=kind, temperature=1.2, chunk_size=2)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (hs,))

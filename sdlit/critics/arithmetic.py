@@ -24,10 +24,15 @@ from sdlit.tasks.answers import NUMBER, extract_answer, format_number, gold_valu
 __all__ = ["ArithmeticStepCritic", "evaluate_claims", "Claim"]
 
 _MUL, _DIV = set("*xX×·"), set("/÷")
-_TOKEN = re.compile(rf"\s*(?:(\$?{NUMBER}%?)|([-+*/xX×÷·])|([()]))")
-_LHS = re.compile(r"[\d\s$.,%+\-*/xX×÷·()]*$")
-_RHS = re.compile(rf"\s*\$?\s*(-?{NUMBER})(%?)")
+_TOKEN = re.compile(rf"\s*(?:(\$?{NUMBER}%?)|([-–+*/xX×÷·])|([()]))")
+_LHS = re.compile(r"[\d\s$.,%+\-–*/xX×÷·()]*$")
+# The stated result; a result that goes on as an expression ("= 14 / 2 = 7") or a mixed number
+# ("= 3 1/2") is no claim of its own.
+_RHS = re.compile(rf"\s*\$?\s*(-?{NUMBER})(?!\.?\d|,\d|[A-Za-z])(%?)(?![ \t]*(?:[-–+*/xX×÷·][ \t]*[\d.$(]|\d))")
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
+# One or two unit words between a number and an operator or "=": "12 miles / 4 mph = 3 hours".
+_OPERATOR_BEFORE_WORDS = re.compile(r"[-–+*/×÷·]\s*(?:[A-Za-z'][\w']*\s*){1,3}$")
+_UNITS = re.compile(rf"({NUMBER}%?)[ \t]+(?:(?![xX]\b)[A-Za-z][\w']*[ \t]*){{1,2}}(?=[-–+*/×÷·=]|[xX][ \t])")
 _WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
           "ten": 10, "eleven": 11, "twelve": 12, "fifteen": 15, "twenty": 20, "thirty": 30, "forty": 40,
           "fifty": 50, "hundred": 100, "thousand": 1000, "dozen": 12, "half": 2, "twice": 2, "double": 2,
@@ -45,6 +50,7 @@ class Claim:
     stated: Fraction
     stated_text: str
     intermediates: tuple[Fraction, ...]
+    percent: bool = False  # the result was written "r%": r and r/100 both count
 
     @property
     def ok(self) -> bool:
@@ -53,7 +59,8 @@ class Claim:
             return False
         decimals = len(self.stated_text.split(".")[1]) if "." in self.stated_text else 0
         tol = Fraction(1, 2 * 10**decimals) if decimals else Fraction(0)
-        return abs(self.value - self.stated) <= tol + Fraction(1, 10**9) * max(1, abs(self.stated))
+        stated = [self.stated, self.stated / 100] if self.percent else [self.stated]
+        return any(abs(self.value - s) <= tol + Fraction(1, 10**9) * max(1, abs(s)) for s in stated)
 
 
 def _number(text: str) -> Fraction:
@@ -63,7 +70,7 @@ def _number(text: str) -> Fraction:
 
 
 def _tokens(run: str) -> list[str]:
-    """Tokenize an expression run, keeping only the part after the last character that is no token."""
+    """Tokenize an expression run (after its last non-token character); "27(1/3)" gets its "*"."""
     tokens, pos = [], 0
     while pos < len(run):
         if run[pos].isspace():
@@ -73,9 +80,13 @@ def _tokens(run: str) -> list[str]:
         if m is None:
             tokens, pos = [], pos + 1
             continue
-        tokens.append(m.group(0).strip())
+        token = m.group(0).strip()
+        after_value = bool(tokens) and (tokens[-1] == ")" or tokens[-1][-1].isdigit() or tokens[-1][-1] == "%")
+        if after_value and (token == "(" or (tokens[-1] == ")" and token[-1].isdigit())):
+            tokens.append("*")
+        tokens.append(token)
         pos = m.end()
-    return [t for t in tokens if t]
+    return tokens
 
 
 def _parse(tokens: list[str]) -> tuple[Fraction | None, list[Fraction], int]:
@@ -88,7 +99,7 @@ def _parse(tokens: list[str]) -> tuple[Fraction | None, list[Fraction], int]:
     def factor():
         nonlocal pos
         tok = peek()
-        if tok == "-":
+        if tok == "-" and (pos == 0 or tokens[pos - 1] == "("):
             pos += 1
             value = factor()
             return None if value is None else -value
@@ -115,7 +126,7 @@ def _parse(tokens: list[str]) -> tuple[Fraction | None, list[Fraction], int]:
             if value is None or right is None or (op in _DIV and right == 0):
                 value = None
                 continue
-            value = {"+": value + right, "-": value - right}.get(op) if op in "+-" else (
+            value = value + right if op == "+" else value - right if op in "-–" else (
                 value * right if op in _MUL else value / right)
             steps.append(value)
         return value
@@ -124,7 +135,7 @@ def _parse(tokens: list[str]) -> tuple[Fraction | None, list[Fraction], int]:
         return binary(factor, _MUL | _DIV)
 
     def expr():
-        return binary(term, {"+", "-"})
+        return binary(term, {"+", "-", "–"})
 
     value = expr()
     if pos != len(tokens):
@@ -138,18 +149,21 @@ def _left_side(before: str) -> str | None:
     while start < len(before) and before[start] in "xX" and start > 0 and before[start - 1].isalpha():
         start += 1  # the "x" ends a word ("box 3+4"), it is no operator
     run = before[start:]
-    if start > 0 and before[start - 1].isalpha() and run.lstrip()[:1] in tuple("+-*/xX×÷·"):
+    if start > 0 and before[start - 1].isalpha() and run.lstrip()[:1] in tuple("+-–*/xX×÷·"):
         return None
+    if _OPERATOR_BEFORE_WORDS.search(before[:start]):
+        return None  # "25 classmates + his 1 + 1 = 27": the expression goes on to the left
     return run
 
 
 def evaluate_claims(text: str) -> list[Claim]:
     """All arithmetic claims "a op b (op c ...) = r" in a text (annotations <<...>> are ignored).
 
-    Of the possible left-hand sides ending at each "=", the longest whose value matches the stated
-    result is taken, else the longest that parses.
+    The left-hand side is the run of numbers, operators and parentheses that ends at an "="; it must
+    parse as a whole, else the "=" is no claim (so algebra like "3x + 4 = 28" is left alone). Unit
+    words after a number are skipped ("12 miles / 4 mph = 3").
     """
-    text = _ANNOTATION.sub("", text)
+    text = _UNITS.sub(r"\1 ", _ANNOTATION.sub("", text))
     claims = []
     for eq in re.finditer(r"(?<![=<>!])=(?!=)", text):
         rhs = _RHS.match(text, eq.end())
@@ -157,20 +171,12 @@ def evaluate_claims(text: str) -> list[Claim]:
         if rhs is None or lhs is None:
             continue
         stated = to_fraction(rhs.group(1))
-        stated = stated / 100 if rhs.group(2) else stated
-        tokens, best = _tokens(lhs), None
-        for start in range(len(tokens)):
-            try:
-                value, steps, ops = _parse(tokens[start:])
-            except ValueError:
-                continue
-            if ops == 0:
-                continue
-            claim = Claim(" ".join(tokens[start:]), value, stated, rhs.group(1), tuple(steps))
-            if claim.ok:
-                best = claim
-                break
-            best = best or claim
+        tokens = _tokens(lhs)
+        try:
+            value, steps, ops = _parse(tokens)
+        except ValueError:
+            continue  # not a plain expression (words, variables, "3 1/2"): no claim
+        best = Claim(" ".join(tokens), value, stated, rhs.group(1), tuple(steps), bool(rhs.group(2))) if ops else None
         if best is not None:
             claims.append(best)
     return claims
@@ -306,7 +312,7 @@ class ArithmeticStepCritic:
             if not _has(ref.quantities, claim.stated) and not _has(given, claim.stated):
                 return f"{format_number(claim.stated)} is not a quantity this problem needs", []
         if claims:
-            return "", [q for c in claims for q in (*c.intermediates, c.stated)]
+            return "", [q for c in claims for q in (*c.intermediates[:-1], c.stated)]
         known = given + ref.quantities + ref.numbers + computed + COMMON_CONSTANTS
         for n in _numbers(_ANNOTATION.sub("", step.text)):
             if not _has(known, n):
@@ -314,8 +320,20 @@ class ArithmeticStepCritic:
         return "", _numbers(step.text)
 
     def _remaining(self, ref: _Reference, computed: list[Fraction]) -> list[tuple[str, str]]:
-        """Reference steps from the first one whose result is not yet computed, skipping computed ones."""
-        pending = [not results or not all(_has(computed, r) for r in results) for _, results in ref.steps]
+        """Reference steps from the first one whose results are not yet computed, skipping computed ones.
+
+        Each computed quantity accounts for one reference result only, so a value that occurs twice in
+        the reference (17-5=12, later 23-11=12) must be computed twice.
+        """
+        pool, pending = list(computed), []
+        for _, results in ref.steps:
+            done = bool(results)
+            for r in results:
+                hit = next((i for i, q in enumerate(pool) if _has([q], r)), None)
+                done = done and hit is not None
+                if hit is not None:
+                    pool.pop(hit)
+            pending.append(not done)
         first = next((i for i, (_, results) in enumerate(ref.steps) if results and pending[i]), len(ref.steps))
         return [("step", line) for i, (line, _) in enumerate(ref.steps[first:], start=first) if pending[i]]
 

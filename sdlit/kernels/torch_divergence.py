@@ -30,42 +30,58 @@ KINDS = ("forward_kl", "reverse_kl", "jsd")
 _CHUNK_ELEMENTS = 2**22
 
 
+def _dot_rows(a, b):
+    """Row-wise dot product sum_v a[n, v] * b[n, v] without an [n, V] temporary."""
+    return torch.einsum("nv,nv->n", a, b)
+
+
 def divergence_from_log_probs(student_log_probs, teacher_log_probs, kind="forward_kl", beta=0.5, need_grad=True):
     """Per-row divergence and its gradient w.r.t. the (temperature-scaled) student logits.
 
     Args:
-        student_log_probs: [n, V] log_softmax of the student logits (fp32 or fp64).
-        teacher_log_probs: [n, V] log_softmax of the teacher logits, same dtype.
+        student_log_probs: [n, V] log_softmax of the student logits (fp32 or fp64); not modified.
+        teacher_log_probs: [n, V] log_softmax of the teacher logits, same dtype; not modified.
         kind: one of KINDS.
         beta: JSD mixture weight of the teacher, in [0, 1] (only used by "jsd").
         need_grad: also return the gradient.
 
     Returns:
         (loss [n], grad [n, V] or None). Columns where a probability is exactly 0 (-inf logits)
-        contribute 0 to the loss and get a 0 gradient, never NaN.
+        contribute 0 to the loss and get a 0 gradient, never NaN. At most ~3 [n, V] temporaries.
     """
     if kind == "jsd" and beta == 0.0:
         kind = "forward_kl"
     if kind == "jsd" and beta == 1.0:
         kind = "reverse_kl"
     lq, lp = student_log_probs, teacher_log_probs
-    q, p = lq.exp(), lp.exp()
     if kind == "forward_kl":
-        loss = torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
-        grad = (q - p) if need_grad else None
+        # loss = sum p (log p - log q); grad = q - p
+        p = lp.exp()
+        d = (lp - lq).masked_fill_(p == 0, 0.0)
+        loss = _dot_rows(p, d)
+        del d
+        grad = lq.exp().sub_(p) if need_grad else None
         return loss, grad
     if kind == "reverse_kl":
-        d = torch.where(q > 0, lq - lp, 0.0)
-        loss = (q * d).sum(-1)
-        grad = q * (d - loss[:, None]) if need_grad else None
+        # loss = sum q (log q - log p); grad = q (log q - log p - loss)
+        q = lq.exp()
+        d = (lq - lp).masked_fill_(q == 0, 0.0)
+        loss = _dot_rows(q, d)
+        grad = d.sub_(loss[:, None]).mul_(q) if need_grad else None
         return loss, grad
     if kind == "jsd":
-        log_m = torch.logaddexp(lp + math.log(beta), lq + math.log(1.0 - beta))
-        kl_teacher = torch.where(p > 0, p * (lp - log_m), 0.0).sum(-1)
-        d_student = torch.where(q > 0, lq - log_m, 0.0)
-        kl_student = (q * d_student).sum(-1)
+        # log M = logaddexp(log p + log beta, log q + log(1 - beta)); grad = (1 - beta) q (log q - log M - KL(q||M))
+        log_m = lp + math.log(beta)
+        torch.logaddexp(log_m, lq + math.log(1.0 - beta), out=log_m)
+        p = lp.exp()
+        d = (lp - log_m).masked_fill_(p == 0, 0.0)
+        kl_teacher = _dot_rows(p, d)
+        del p, d
+        q = lq.exp()
+        d = torch.sub(lq, log_m, out=log_m).masked_fill_(q == 0, 0.0)
+        kl_student = _dot_rows(q, d)
         loss = beta * kl_teacher + (1.0 - beta) * kl_student
-        grad = (1.0 - beta) * q * (d_student - kl_student[:, None]) if need_grad else None
+        grad = d.sub_(kl_student[:, None]).mul_(q).mul_(1.0 - beta) if need_grad else None
         return loss, grad
     raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
 
@@ -104,13 +120,18 @@ def _row_chunks(rows, chunk_rows):
 
 
 def _logits_chunk_loss_grad(s_logits, t_logits, kind, beta, temperature, need_grad):
-    """Loss and grad w.r.t. the raw student logits for one chunk of logits (any float dtype)."""
+    """Loss and grad w.r.t. the raw student logits for one chunk of logits (any float dtype).
+
+    The chunks must be fresh tensors owned by the caller: they may be scaled in place.
+    """
     dtype = _compute_dtype(s_logits, t_logits)
-    lq = F.log_softmax(s_logits.to(dtype) / temperature, dim=-1)
-    lp = F.log_softmax(t_logits.to(dtype) / temperature, dim=-1)
+    lq = F.log_softmax(s_logits.to(dtype).div_(temperature), dim=-1)
+    del s_logits
+    lp = F.log_softmax(t_logits.to(dtype).div_(temperature), dim=-1)
+    del t_logits
     loss, grad = divergence_from_log_probs(lq, lp, kind, beta, need_grad)
-    if grad is not None:
-        grad = grad / temperature
+    if grad is not None and temperature != 1.0:
+        grad.div_(temperature)
     return loss, grad
 
 
@@ -120,6 +141,8 @@ class _PerTokenDivergence(torch.autograd.Function):
     Choice: the gradient w.r.t. the student logits is computed in forward and kept in the input dtype
     (one [N, V] tensor, the size of the logits) rather than recomputing the softmaxes in backward:
     backward must return an [N, V] tensor anyway, so peak memory is the same and the work is done once.
+    Backward returns it scaled by the upstream gradient as a new tensor (so repeated backward passes,
+    e.g. gradcheck, stay correct); during backward two such [N, V] tensors exist.
     """
 
     @staticmethod
@@ -131,8 +154,9 @@ class _PerTokenDivergence(torch.autograd.Function):
         grad = torch.zeros_like(student) if need_grad else None
         chunk_rows = _CHUNK_ELEMENTS // max(1, student.shape[1])
         for idx in _row_chunks(rows, chunk_rows):
-            s, t = student.index_select(0, idx), teacher.index_select(0, idx)
-            loss_c, grad_c = _logits_chunk_loss_grad(s, t, kind, beta, temperature, need_grad)
+            loss_c, grad_c = _logits_chunk_loss_grad(
+                student.index_select(0, idx), teacher.index_select(0, idx), kind, beta, temperature, need_grad
+            )
             loss[idx] = loss_c
             if need_grad:
                 grad[idx] = grad_c.to(grad.dtype)
@@ -141,11 +165,23 @@ class _PerTokenDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        """Scale the stored per-row gradients by the upstream gradient of each row."""
+        """Scale the stored per-row gradients by the upstream gradient of each row (out of place)."""
         (grad,) = ctx.saved_tensors
         if grad is None:
             return None, None, None, None, None, None
-        return grad * grad_loss.to(grad.dtype)[:, None], None, None, None, None, None
+        return _scale_rows(grad, grad_loss), None, None, None, None, None
+
+
+def _scale_rows(grad, row_weights):
+    """grad[n, :] * row_weights[n] as a new tensor of grad's dtype, in fp32 chunks for low precision."""
+    if grad.dtype in (torch.float32, torch.float64):
+        return grad * row_weights.to(grad.dtype)[:, None]
+    out = torch.empty_like(grad)
+    chunk_rows = max(1, _CHUNK_ELEMENTS // max(1, grad.shape[1]))
+    for start in range(0, grad.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        out[rows] = grad[rows].float().mul_(row_weights[rows, None].float())
+    return out
 
 
 def per_token_divergence(student_logits, teacher_logits, mask=None, *, kind="forward_kl", beta=0.5, temperature=1.0):
@@ -180,9 +216,7 @@ def per_token_divergence(student_logits, teacher_logits, mask=None, *, kind="for
 
 def _linear_chunk(s_hidden, t_hidden, weight, kind, beta, temperature, need_grad):
     """Loss and grad w.r.t. student logits (fp32/fp64) for one chunk of hidden rows."""
-    s_logits = s_hidden @ weight.T
-    t_logits = t_hidden @ weight.T
-    return _logits_chunk_loss_grad(s_logits, t_logits, kind, beta, temperature, need_grad)
+    return _logits_chunk_loss_grad(s_hidden @ weight.T, t_hidden @ weight.T, kind, beta, temperature, need_grad)
 
 
 def _accumulate_linear_grads(g_logits, s_hidden, weight, idx, grad_hidden, grad_weight):
@@ -197,9 +231,10 @@ class _FusedLinearDivergence(torch.autograd.Function):
     """Chunked divergence from hidden states and lm_head weight (Liger-style fused linear loss).
 
     Forward computes, per chunk of rows, the logits, the loss and the gradients for hidden and weight,
-    assuming a uniform upstream gradient. Backward scales them when the upstream gradient is the same
-    on all kept rows (loss.sum(), loss.mean(), masked mean: the usual case). Otherwise (per-row weights)
-    the weight gradient does not factor out, so backward recomputes the chunks with the real weights.
+    assuming a uniform upstream gradient. Backward scales them in place when the upstream gradient is
+    the same on all kept rows (loss.sum(), loss.mean(), masked mean: the usual case). Otherwise (per-row
+    weights) the weight gradient does not factor out, so backward recomputes the chunks with the real
+    weights (also on a second backward with retain_graph, since the stored gradients were consumed).
     """
 
     @staticmethod
@@ -217,27 +252,33 @@ class _FusedLinearDivergence(torch.autograd.Function):
             loss[idx] = loss_c
             if need_grad:
                 _accumulate_linear_grads(g, hs, weight, idx, grad_h, grad_w)
-        ctx.save_for_backward(s_hidden, t_hidden, weight, rows, grad_h, grad_w)
+        ctx.save_for_backward(s_hidden, t_hidden, weight, rows)
+        ctx.grads = (grad_h, grad_w)  # not saved tensors: backward may scale them in place once
         ctx.settings = (kind, beta, temperature, chunk_rows)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         """Scale the stored gradients, or recompute them chunk by chunk for non-uniform upstream."""
-        s_hidden, t_hidden, weight, rows, grad_h, grad_w = ctx.saved_tensors
+        s_hidden, t_hidden, weight, rows = ctx.saved_tensors
+        grad_h, grad_w = ctx.grads
         kept = grad_loss[rows]
-        if kept.numel() == 0 or bool((kept == kept[0]).all()):
+        uniform = kept.numel() == 0 or bool((kept == kept[0]).all())
+        if uniform and not getattr(ctx, "consumed", False):
+            ctx.consumed = True  # the stored gradients are scaled in place: a second backward recomputes
+            ctx.grads = (None, None)
             scale = kept[0] if kept.numel() else grad_loss.new_zeros(())
-            out_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
-            out_w = (grad_w * scale.to(grad_w.dtype)).to(weight.dtype) if grad_w is not None else None
+            out_h = grad_h.mul_(scale.to(grad_h.dtype)) if grad_h is not None else None
+            out_w = grad_w.mul_(scale.to(grad_w.dtype)).to(weight.dtype) if grad_w is not None else None
             return out_h, None, out_w, None, None, None, None, None
-        out_h = torch.zeros_like(s_hidden) if grad_h is not None else None
-        out_w = torch.zeros_like(grad_w) if grad_w is not None else None
+        out_h = torch.zeros_like(s_hidden) if ctx.needs_input_grad[0] else None
+        out_w = torch.zeros(weight.shape, dtype=_compute_dtype(s_hidden, weight), device=weight.device)
+        out_w = out_w if ctx.needs_input_grad[2] else None
         kind, beta, temperature, chunk_rows = ctx.settings
         for idx in _row_chunks(rows, chunk_rows):
             hs, ht = s_hidden.index_select(0, idx), t_hidden.index_select(0, idx)
             _, g = _linear_chunk(hs, ht, weight, kind, beta, temperature, True)
-            g = g * grad_loss[idx].to(g.dtype)[:, None]
+            g.mul_(grad_loss[idx].to(g.dtype)[:, None])
             _accumulate_linear_grads(g, hs, weight, idx, out_h, out_w)
         out_w = out_w.to(weight.dtype) if out_w is not None else None
         return out_h, None, out_w, None, None, None, None, None

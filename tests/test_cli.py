@@ -1,0 +1,99 @@
+"""The `sdlit` command: help, shipped configs, and clear errors for bad settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdlit.cli import main
+from sdlit.models import ModelLoadError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+FRAGMENTS = sorted((ROOT / "callbacks").glob("*.yaml"))
+
+
+def print_config(args, capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT)) for c in CONFIGS])
+def test_every_shipped_config_parses(config, capsys):
+    parsed = print_config(["--config", str(config)], capsys)
+    assert parsed["model"]["class_path"].endswith("SelfDistillationModule")
+    assert parsed["data"]["init_args"]["eval_k"] >= 1
+    assert isinstance(parsed["seed_everything"], int)
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=[f.name for f in FRAGMENTS])
+def test_every_callback_fragment_composes_with_a_config(fragment, capsys):
+    base = print_config(["--config", str(ROOT / "configs/quickstart.yaml")], capsys)
+    composed = print_config(["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(fragment)], capsys)
+    text = yaml.safe_load(fragment.read_text())
+    if "callbacks+" in text.get("trainer", {}):
+        assert len(composed["trainer"]["callbacks"]) == len(base["trainer"]["callbacks"]) + 1
+    alone = print_config(["--config", str(fragment)], capsys)
+    assert alone["trainer"]
+
+
+def test_gsm8k_conditions_have_the_same_token_budget(capsys):
+    budgets = {}
+    for name in ("grpo", "reference", "critique"):
+        cfg = print_config(["--config", str(ROOT / f"configs/gsm8k/{name}.yaml")], capsys)
+        data, trainer = cfg["data"]["init_args"], cfg["trainer"]
+        per_step = data["batch_size"] * data["rollouts_per_problem"] * trainer["accumulate_grad_batches"]
+        budgets[name] = (per_step, data["max_new_tokens"], trainer["max_steps"])
+    assert len(set(budgets.values())) == 1, budgets
+
+
+def test_short_class_names_resolve(capsys):
+    parsed = print_config(
+        ["--model", "SelfDistillationModule", "--data", "RolloutDataModule", "--data.task", "GSM8K",
+         "--trainer.callbacks+=StepCritique", "--trainer.callbacks+=BinaryReward"],
+        capsys,
+    )
+    assert parsed["data"]["init_args"]["task"]["class_path"].rsplit(".", 1)[-1] == "GSM8K"
+    paths = [c["class_path"] for c in parsed["trainer"]["callbacks"]]
+    assert [p.rsplit(".", 1)[-1] for p in paths] == ["StepCritique", "BinaryReward"]
+
+
+def test_help_lists_subcommands_and_documented_settings():
+    out = subprocess.run([sys.executable, "-m", "sdlit.cli", "--help"], capture_output=True, text=True, check=True)
+    for sub in ("fit", "validate", "test"):
+        assert sub in out.stdout
+    fit = subprocess.run(
+        [sys.executable, "-m", "sdlit.cli", "fit", "--model.help", "SelfDistillationModule"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "--model.teacher {base,current,ema}" in fit.stdout and "adapter disabled" in fit.stdout
+
+
+def test_wrong_type_in_config_names_the_setting(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  init_args:\n    batch_size: eight\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "batch_size" in err and "eight" in err
+
+
+def test_unknown_key_in_config_is_rejected(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    learning_rat: 0.1\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_unknown_model_alias_gives_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no-such-model.*not a packaged alias.*smollm2-135m-instruct"):
+        main(["fit", "--model.model", "no-such-model", "--trainer.max_steps", "1",
+              "--trainer.default_root_dir", str(tmp_path)])
