@@ -10,7 +10,6 @@ from JSONL/Parquet instead of sampling.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from sdlit.prompts import student_prompt_ids
 from sdlit.rollout import Rollout, sample_responses, sample_rollouts
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError, Problem, Task
+from sdlit.tasks.rows import file_rows
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class RolloutDataModule(LightningDataModule):
         eval_size: Use only the first ``eval_size`` held-out problems (default: all the task provides).
         offline_path: JSONL or Parquet file of already-annotated rollouts to train on instead of sampling;
             each row needs ``question``, ``solution``, ``answer``, ``response`` and optionally ``context``,
-            ``context_header``, ``reward``, ``logprobs``, ``group``.
+            ``context_header``, ``reward``, ``logprobs``, ``group``, ``finished`` (default true: EOS appended).
         shuffle: Shuffle training problems every epoch (seeded by ``seed_everything``).
     """
 
@@ -185,26 +185,31 @@ _OFFLINE_REQUIRED = ("question", "solution", "answer", "response")
 
 def read_offline_rollouts(path: str) -> list[dict]:
     """Rows of an annotated-rollouts file (JSONL or Parquet), checked for the required fields."""
-    file = Path(path)
-    if not file.exists():
-        raise DataError(f"{file}: offline rollouts file not found")
-    rows = _read_parquet(file) if file.suffix == ".parquet" else _read_jsonl(file)
-    for number, row in enumerate(rows, start=1):
+    rows = []
+    for number, row in file_rows(Path(path)):
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {number}: expected an object with fields {', '.join(_OFFLINE_REQUIRED)}")
         for name in _OFFLINE_REQUIRED:
             if not isinstance(row.get(name), str) or not row[name].strip():
-                raise DataError(f"{file}: row {number}: missing or empty field {name!r}")
+                raise DataError(f"{path}: row {number}: field {name!r} is missing or empty")
+        rows.append(row)
     if not rows:
-        raise DataError(f"{file}: no rollouts in file")
+        raise DataError(f"{path}: no rollouts in file")
     return rows
 
 
 def offline_rollout(row: dict, tokenizer, policy_version: int) -> Rollout:
     """A :class:`Rollout` from an annotated row; the response is tokenized here, once."""
     problem = Problem(row["question"], row["solution"], row["answer"], row.get("id", ""))
+    response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+    if row.get("finished", True) and tokenizer.eos_token_id is not None:
+        response_ids.append(tokenizer.eos_token_id)  # the sampled answer ended with EOS
     rollout = Rollout(
         problem=problem,
         prompt_ids=student_prompt_ids(tokenizer, problem.question),
-        response_ids=tokenizer(row["response"], add_special_tokens=False)["input_ids"],
+        response_ids=response_ids,
         response=row["response"],
         policy_version=int(row.get("policy_version", policy_version)),
         group=int(row.get("group", 0)),
@@ -215,25 +220,3 @@ def offline_rollout(row: dict, tokenizer, policy_version: int) -> Rollout:
     if row.get("context_header"):
         rollout.context_header = row["context_header"]
     return rollout
-
-
-def _read_jsonl(file: Path) -> list[dict]:
-    rows = []
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{file}: row {number}: malformed JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{file}: row {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def _read_parquet(file: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(file).to_pylist()

@@ -253,3 +253,12 @@ def test_fused_linear_gradcheck_float64():
     for kind in KINDS:  # w.r.t. hidden only: the weight also feeds the stop-gradient teacher logits
         fn = lambda h: fused_linear_divergence(h, ht, w, mask, kind=kind, temperature=1.2, chunk_size=2)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (hs,))
+
+
+def test_inputs_are_not_modified():
+    s, t = _logits(6, 33, seed=22), _logits(6, 33, seed=23)
+    s0, t0 = s.clone(), t.clone()
+    for kind in KINDS:
+        per_token_divergence(s, t, kind=kind, temperature=0.5)
+        per_token_divergence(s, t, torch.tensor([1, 0, 1, 1, 0, 1]).bool(), kind=kind, temperature=0.5)
+    assert torch.equal(s, s0) and torch.equal(t, t0)

@@ -101,10 +101,10 @@ def _compute_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _flatten_mask(mask, leading_shape, n_rows, device):
-    """Return the indices of the kept rows as a 1-D long tensor (all rows when mask is None)."""
+def _kept_rows(mask, leading_shape, device):
+    """Indices of the kept rows as a 1-D long tensor, or None when every row is kept (mask is None)."""
     if mask is None:
-        return torch.arange(n_rows, device=device)
+        return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
     if mask.is_floating_point() or mask.is_complex():
@@ -114,21 +114,30 @@ def _flatten_mask(mask, leading_shape, n_rows, device):
     return mask.reshape(-1).to(device).bool().nonzero().squeeze(-1)
 
 
-def _row_chunks(rows, chunk_rows):
-    """Split the kept-row indices into chunks of at most chunk_rows."""
-    return rows.split(max(1, int(chunk_rows)))
+def _row_chunks(rows, n_rows, chunk_rows):
+    """Chunks of at most chunk_rows kept rows: slices (views, no copy) when rows is None, else index tensors.
+
+    Both index a tensor the same way: x[chunk] is a view for a slice and a copy for an index tensor.
+    """
+    chunk_rows = max(1, int(chunk_rows))
+    if rows is None:
+        return [slice(start, start + chunk_rows) for start in range(0, n_rows, chunk_rows)]
+    return rows.split(chunk_rows)
+
+
+def _scaled(x, dtype, temperature):
+    """x in the compute dtype, divided by temperature; x itself is never modified."""
+    y = x.to(dtype)
+    if temperature == 1.0:
+        return y
+    return y / temperature if y is x else y.div_(temperature)
 
 
 def _logits_chunk_loss_grad(s_logits, t_logits, kind, beta, temperature, need_grad):
-    """Loss and grad w.r.t. the raw student logits for one chunk of logits (any float dtype).
-
-    The chunks must be fresh tensors owned by the caller: they may be scaled in place.
-    """
+    """Loss and grad w.r.t. the raw student logits for one chunk of logits (any float dtype)."""
     dtype = _compute_dtype(s_logits, t_logits)
-    lq = F.log_softmax(s_logits.to(dtype).div_(temperature), dim=-1)
-    del s_logits
-    lp = F.log_softmax(t_logits.to(dtype).div_(temperature), dim=-1)
-    del t_logits
+    lq = F.log_softmax(_scaled(s_logits, dtype, temperature), dim=-1)
+    lp = F.log_softmax(_scaled(t_logits, dtype, temperature), dim=-1)
     loss, grad = divergence_from_log_probs(lq, lp, kind, beta, need_grad)
     if grad is not None and temperature != 1.0:
         grad.div_(temperature)
@@ -147,16 +156,14 @@ class _PerTokenDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, rows, kind, beta, temperature):
-        """student, teacher: [N, V]; rows: kept row indices. Returns the per-row loss [N]."""
+        """student, teacher: [N, V]; rows: kept row indices or None (all). Returns the per-row loss [N]."""
         need_grad = ctx.needs_input_grad[0]
         dtype = _compute_dtype(student, teacher)
         loss = torch.zeros(student.shape[0], dtype=dtype, device=student.device)
         grad = torch.zeros_like(student) if need_grad else None
         chunk_rows = _CHUNK_ELEMENTS // max(1, student.shape[1])
-        for idx in _row_chunks(rows, chunk_rows):
-            loss_c, grad_c = _logits_chunk_loss_grad(
-                student.index_select(0, idx), teacher.index_select(0, idx), kind, beta, temperature, need_grad
-            )
+        for idx in _row_chunks(rows, student.shape[0], chunk_rows):
+            loss_c, grad_c = _logits_chunk_loss_grad(student[idx], teacher[idx], kind, beta, temperature, need_grad)
             loss[idx] = loss_c
             if need_grad:
                 grad[idx] = grad_c.to(grad.dtype)
@@ -208,7 +215,7 @@ def per_token_divergence(student_logits, teacher_logits, mask=None, *, kind="for
     if student_logits.dim() not in (2, 3):
         raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}")
     vocab = student_logits.shape[-1]
-    rows = _flatten_mask(mask, student_logits.shape[:-1], student_logits.numel() // max(1, vocab), student_logits.device)
+    rows = _kept_rows(mask, student_logits.shape[:-1], student_logits.device)
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
     return _PerTokenDivergence.apply(student, teacher, rows, kind, float(beta), float(temperature))
@@ -239,15 +246,15 @@ class _FusedLinearDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_hidden, t_hidden, weight, rows, kind, beta, temperature, chunk_rows):
-        """s_hidden, t_hidden: [N, H]; weight: [V, H]; rows: kept row indices. Returns loss [N]."""
+        """s_hidden, t_hidden: [N, H]; weight: [V, H]; rows: kept row indices or None (all). Returns loss [N]."""
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         need_grad = need_h or need_w
         acc = _compute_dtype(s_hidden, weight)
         loss = torch.zeros(s_hidden.shape[0], dtype=acc, device=s_hidden.device)
         grad_h = torch.zeros_like(s_hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        for idx in _row_chunks(rows, chunk_rows):
-            hs, ht = s_hidden.index_select(0, idx), t_hidden.index_select(0, idx)
+        for idx in _row_chunks(rows, s_hidden.shape[0], chunk_rows):
+            hs, ht = s_hidden[idx], t_hidden[idx]
             loss_c, g = _linear_chunk(hs, ht, weight, kind, beta, temperature, need_grad)
             loss[idx] = loss_c
             if need_grad:
@@ -262,7 +269,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         """Scale the stored gradients, or recompute them chunk by chunk for non-uniform upstream."""
         s_hidden, t_hidden, weight, rows = ctx.saved_tensors
         grad_h, grad_w = ctx.grads
-        kept = grad_loss[rows]
+        kept = grad_loss if rows is None else grad_loss[rows]
         uniform = kept.numel() == 0 or bool((kept == kept[0]).all())
         if uniform and not getattr(ctx, "consumed", False):
             ctx.consumed = True  # the stored gradients are scaled in place: a second backward recomputes
@@ -275,8 +282,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
         out_w = torch.zeros(weight.shape, dtype=_compute_dtype(s_hidden, weight), device=weight.device)
         out_w = out_w if ctx.needs_input_grad[2] else None
         kind, beta, temperature, chunk_rows = ctx.settings
-        for idx in _row_chunks(rows, chunk_rows):
-            hs, ht = s_hidden.index_select(0, idx), t_hidden.index_select(0, idx)
+        for idx in _row_chunks(rows, s_hidden.shape[0], chunk_rows):
+            hs, ht = s_hidden[idx], t_hidden[idx]
             _, g = _linear_chunk(hs, ht, weight, kind, beta, temperature, True)
             g.mul_(grad_loss[idx].to(g.dtype)[:, None])
             _accumulate_linear_grads(g, hs, weight, idx, out_h, out_w)
@@ -325,8 +332,7 @@ def fused_linear_divergence(
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     hidden = student_hidden.shape[-1]
-    n_rows = student_hidden.numel() // max(1, hidden)
-    rows = _flatten_mask(mask, student_hidden.shape[:-1], n_rows, student_hidden.device)
+    rows = _kept_rows(mask, student_hidden.shape[:-1], student_hidden.device)
     chunk_rows = int(chunk_size) if chunk_size is not None else max(1, _CHUNK_ELEMENTS // weight.shape[0])
     s_hidden = student_hidden.reshape(-1, hidden)
     t_hidden = teacher_hidden.detach().reshape(-1, hidden)

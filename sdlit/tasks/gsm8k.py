@@ -6,52 +6,18 @@ the package so that the default works offline.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from sdlit.tasks.answers import extract_answer, is_correct, normalize_number
 from sdlit.tasks.base import DataError, Problem, Task
+from sdlit.tasks.rows import file_rows
 
 __all__ = ["GSM8K", "read_problems", "extract_answer", "is_correct", "DATA_DIR"]
 
 log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).parent / "data"
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """(1-based row number, row) for each non-blank line; a malformed line gives a DataError as its row."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield number, DataError(f"{path}: row {number}: malformed JSON ({e.msg} at column {e.colno})")
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(1-based row number, row) for each row of a Parquet file."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for unreadable files
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    yield from enumerate(table.to_pylist(), start=1)
-
-
-def _file_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """Rows of a .jsonl or .parquet file."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    if path.suffix == ".parquet":
-        return _parquet_rows(path)
-    if path.suffix in (".jsonl", ".json"):
-        return _jsonl_rows(path)
-    raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
 
 
 def parse_row(row: object, source: str, number: int, id: str) -> Problem:
@@ -95,7 +61,7 @@ def _parse_rows(rows, source: str, prefix: str, on_bad_row: str) -> tuple[list[P
 def read_problems_counted(path: str | Path, prefix: str, on_bad_row: str = "error") -> tuple[list[Problem], int]:
     """Like read_problems, but also returns how many bad rows were skipped."""
     path = Path(path)
-    return _parse_rows(_file_rows(path), str(path), prefix, on_bad_row)
+    return _parse_rows(file_rows(path), str(path), prefix, on_bad_row)
 
 
 def read_problems(path: str | Path, prefix: str = "gsm8k", on_bad_row: Literal["error", "skip"] = "error") -> list[Problem]:
