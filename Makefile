@@ -23,7 +23,7 @@ quickstart: setup
 	@echo "== held-out accuracy before training =="
 	$(VENV)/bin/sdlit validate --config $(CONFIG) --trainer.default_root_dir $(QUICKSTART_DIR)/before
 	@echo "== training =="
-	$(VENV)/bin/sdlit fit --config $(CONFIG) --trainer.default_root_dir $(QUICKSTART_DIR)
+	$(VENV)/bin/sdlit fit --config $(CONFIG) --trainer.default_root_dir $(QUICKSTART_DIR) --trainer.limit_val_batches 0
 	@echo "== held-out accuracy after training =="
 	$(VENV)/bin/sdlit validate --config $(CONFIG) --trainer.default_root_dir $(QUICKSTART_DIR)/after \
 		--ckpt_path $(QUICKSTART_DIR)/checkpoints/last.ckpt

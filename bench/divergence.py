@@ -10,25 +10,31 @@ Variants (each forward + backward of loss.sum()):
 - fused_linear: sdlit.kernels.fused_linear_divergence from the hidden states and W.
 
 Memory: tracemalloc does not see torch's CPU allocations, so each variant runs in a fresh subprocess
-that builds its inputs (in place, so no transient above them), reads its current resident set size
-(/proc/self/statm), runs one forward + backward and reads the peak (resource.getrusage ru_maxrss).
-The delta is the extra peak memory of one step beyond its inputs, as the OS saw it (touched pages; the allocator returns large blocks to the OS when freed).
-It is an honest upper-bound-ish view of the step's working set, not an exact allocator count.
+that builds its inputs (in place, so no transient above them), reads its resident set size (VmRSS in
+/proc/self/status), runs one forward + backward and reads the peak (VmHWM; not getrusage's ru_maxrss,
+which a child inherits from its parent across fork + exec and so reports the parent's peak).
+The delta is the extra peak memory of one step beyond its inputs, as the OS saw it. The subprocess
+runs with MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_ARENA_MAX=1 so that glibc maps every tensor above
+64 KiB on its own and unmaps it when freed: resident memory then tracks the live tensors. (Without this,
+freed blocks stay in glibc's per-thread heaps and the numbers vary by hundreds of MiB between runs;
+torch.profiler's memory events missed most autograd-time allocations here.)
 On a CUDA device, torch.cuda.max_memory_allocated is used instead (exact allocator peak).
 """
 
 import argparse
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sdlit.kernels import fused_linear_divergence, per_token_divergence
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from sdlit.kernels import fused_linear_divergence, per_token_divergence  # noqa: E402
 
 VARIANTS = ("naive_logits", "per_token", "naive_hidden", "fused_linear")
 BASELINE = {"per_token": "naive_logits", "fused_linear": "naive_hidden"}
@@ -52,11 +58,13 @@ def _randn(shape, scale, generator, dtype, device):
     return out.to(device, dtype)
 
 
-def _current_rss_kib():
-    """Current resident set size of this process in KiB (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() // 1024
+def _proc_status_kib(field):
+    """A memory field of /proc/self/status in KiB: VmRSS (current) or VmHWM (peak of this process image)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status (Linux only)")
 
 
 def make_inputs(variant, args):
@@ -103,10 +111,9 @@ def measure_memory(variant, args):
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    before = _current_rss_kib()
+    before = _proc_status_kib("VmRSS")
     step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024  # ru_maxrss is in KiB on Linux
+    return (_proc_status_kib("VmHWM") - before) / 1024
 
 
 def measure_time(variant, args):
@@ -131,7 +138,8 @@ def measure_time(variant, args):
 def memory_in_subprocess(variant, argv):
     """Peak-memory delta of `variant` measured in a fresh Python process."""
     cmd = [sys.executable, __file__, *argv, "--_memory-only", variant]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["mib"]
 
 
@@ -158,8 +166,10 @@ def main(argv=None):
         return
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"shape N={args.n} V={args.v} H={args.h} kind={args.kind} dtype={args.dtype} "
-          f"device={args.device} ({device_name}, {threads} threads) torch={torch.__version__}")
+    print(
+        f"shape N={args.n} V={args.v} H={args.h} kind={args.kind} dtype={args.dtype} "
+        f"device={args.device} ({device_name}, {threads} threads) torch={torch.__version__}"
+    )
     results = {}
     for variant in VARIANTS:
         results[variant] = (measure_time(variant, args), memory_in_subprocess(variant, argv))

@@ -23,8 +23,9 @@ class SdlitCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> SdlitCLI:
-    """Entry point of the ``sdlit`` script; ``args`` replaces ``sys.argv[1:]`` (for tests and notebooks)."""
+def run_cli(args: list[str] | None = None) -> SdlitCLI:
+    """Run ``sdlit`` with ``args`` (default ``sys.argv[1:]``) and return the CLI, whose ``trainer``, ``model``
+    and ``datamodule`` stay inspectable (for tests and notebooks)."""
     return SdlitCLI(
         SelfDistillationModule,
         RolloutDataModule,
@@ -34,6 +35,11 @@ def main(args: list[str] | None = None) -> SdlitCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``sdlit`` script; ``args`` replaces ``sys.argv[1:]``."""
+    run_cli(args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdlit.cli import main
+from sdlit.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -18,7 +18,7 @@ FRAGMENTS = sorted((ROOT / "callbacks").glob("*.yaml"))
 
 def print_config(args, capsys) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args, "--print_config"])
+        run_cli(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
 
@@ -79,7 +79,7 @@ def test_wrong_type_in_config_names_the_setting(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  init_args:\n    batch_size: eight\n")
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(bad), "--print_config"])
+        run_cli(["fit", "--config", str(bad), "--print_config"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "batch_size" in err and "eight" in err
@@ -89,11 +89,11 @@ def test_unknown_key_in_config_is_rejected(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  init_args:\n    learning_rat: 0.1\n")
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(bad), "--print_config"])
+        run_cli(["fit", "--config", str(bad), "--print_config"])
     assert "learning_rat" in capsys.readouterr().err
 
 
 def test_unknown_model_alias_gives_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no-such-model.*not a packaged alias.*smollm2-135m-instruct"):
-        main(["fit", "--model.model", "no-such-model", "--trainer.max_steps", "1",
+        run_cli(["fit", "--model.model", "no-such-model", "--trainer.max_steps", "1",
               "--trainer.default_root_dir", str(tmp_path)])

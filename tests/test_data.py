@@ -8,7 +8,7 @@ import math
 import pytest
 import yaml
 
-from sdlit.cli import main
+from sdlit.cli import run_cli
 from sdlit.data import RolloutDataModule, read_offline_rollouts
 from sdlit.tasks.base import DataError
 from sdlit.tasks.gsm8k import GSM8K
@@ -36,7 +36,7 @@ def test_offline_rollouts_train_end_to_end(tmp_path, tiny_model_dir):
     cfg = yaml.safe_load(open(config))
     cfg["data"]["init_args"]["offline_path"] = data
     (tmp_path / "offline.yaml").write_text(yaml.safe_dump(cfg))
-    cli = main(["fit", "--config", str(tmp_path / "offline.yaml")])
+    cli = run_cli(["fit", "--config", str(tmp_path / "offline.yaml")])
     assert cli.trainer.global_step == 2
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     assert float(cli.trainer.callback_metrics["train/reward"]) == pytest.approx(0.5)
@@ -81,7 +81,7 @@ def test_settings_are_checked():
 def test_online_batches_are_sampled_graded_and_annotated(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, objective="hybrid",
                           callbacks=["BinaryReward", "StepCritique"], rollouts_per_problem=3)
-    cli = main(["fit", "--config", config, "--trainer.max_steps", "1"])
+    cli = run_cli(["fit", "--config", config, "--trainer.max_steps", "1"])
     datamodule, module = cli.datamodule, cli.model
     problems = datamodule.task.train_problems()[:2]
     datamodule.trainer.training = True

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from sdlit.cli import main
+from sdlit.cli import run_cli
 
 
 def write_config(tmp_path, model_dir, objective="self_distillation", callbacks=(), lora=True, teacher="base",
@@ -58,17 +58,8 @@ def write_config(tmp_path, model_dir, objective="self_distillation", callbacks=(
     return str(path)
 
 
-class RecordLosses:
-    """Reads the per-step losses a run logged (via the trainer's callback metrics)."""
-
-
 def trainable_snapshot(module):
     return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-
-
-def run_fit(config_path):
-    cli = main(["fit", "--config", config_path])
-    return cli
 
 
 CONDITIONS = [
@@ -82,7 +73,7 @@ CONDITIONS = [
 @pytest.mark.parametrize("objective,callbacks,n", CONDITIONS, ids=["critique", "reference", "grpo", "hybrid"])
 def test_fit_two_steps_changes_weights(tmp_path, tiny_model_dir, objective, callbacks, n):
     config = write_config(tmp_path, tiny_model_dir, objective, callbacks, rollouts_per_problem=n)
-    cli = main(["fit", "--config", config])
+    cli = run_cli(["fit", "--config", config])
     module = cli.model
     assert cli.trainer.global_step == 2
     loss = cli.trainer.callback_metrics["train/loss"]
@@ -98,7 +89,7 @@ def test_fit_full_weights_with_other_teachers(tmp_path, tiny_model_dir, teacher)
     from transformers import AutoModelForCausalLM
 
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    cli = main(["fit", "--config", config])
+    cli = run_cli(["fit", "--config", config])
     after = cli.model.model.state_dict()
     changed = [k for k in initial if not torch.equal(initial[k], after[k])]
     assert changed, "no weight changed after two steps"
@@ -108,14 +99,23 @@ def test_fit_full_weights_with_other_teachers(tmp_path, tiny_model_dir, teacher)
         assert shadow and any(not torch.equal(shadow[k], dict(cli.model.model.named_parameters())[k]) for k in shadow)
 
 
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir, callbacks=["StepCritique"], extra_trainer={"precision": "bf16-mixed"})
+    cli = run_cli(["fit", "--config", config])
+    assert cli.trainer.precision == "bf16-mixed"
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
 def test_validate_logs_all_four_metrics(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, extra_trainer={"limit_val_batches": None})
-    cli = main(["validate", "--config", config])
+    cli = run_cli(["validate", "--config", config])
     metrics = cli.trainer.callback_metrics
     for name in ("val/avg@3", "val/pass@3", "val/maj@3", "val/mean_length"):
         assert name in metrics, sorted(metrics)
         assert 0.0 <= float(metrics[name]) or name == "val/mean_length"
     assert 0 < float(metrics["val/mean_length"]) <= 8
+    tested = run_cli(["test", "--config", config]).trainer.callback_metrics
+    assert {"test/avg@3", "test/pass@3", "test/maj@3", "test/mean_length"} <= set(tested)
 
 
 def test_checkpoint_keeps_adapter_only_and_resumes_into_validate(tmp_path, tiny_model_dir):
@@ -123,12 +123,12 @@ def test_checkpoint_keeps_adapter_only_and_resumes_into_validate(tmp_path, tiny_
         tmp_path, tiny_model_dir, callbacks=["ReferenceSolution"],
         extra_trainer={"enable_checkpointing": True},
     )
-    cli = main(["fit", "--config", config])
+    cli = run_cli(["fit", "--config", config])
     ckpt_path = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
     checkpoint = torch.load(ckpt_path, weights_only=False)
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
     trained = trainable_snapshot(cli.model)
-    cli2 = main(["validate", "--config", config, "--ckpt_path", ckpt_path, "--trainer.limit_val_batches", "1"])
+    cli2 = run_cli(["validate", "--config", config, "--ckpt_path", ckpt_path, "--trainer.limit_val_batches", "1"])
     reloaded = trainable_snapshot(cli2.model)
     assert trained.keys() == reloaded.keys()
     assert all(torch.equal(trained[k], reloaded[k]) for k in trained)

@@ -44,12 +44,14 @@ def test_pass_at_k_unbiased_matches_enumeration(k):
 
 
 def test_maj_at_k_correct_based_with_ties_and_unparseable():
-    correct = _bool([
-        [0, 1, 1, 0],  # "3" x2 vs "4" x2 tie -> "4" occurs first -> correct[0] = False
-        [1, 0, 1, 0],  # "7" x2 -> first at j=0 -> True
-        [0, 0, 0, 1],  # all None except the last one -> "9" -> correct[3] = True
-        [1, 1, 1, 1],  # all None -> wrong
-    ])
+    correct = _bool(
+        [
+            [0, 1, 1, 0],  # "3" x2 vs "4" x2 tie -> "4" occurs first -> correct[0] = False
+            [1, 0, 1, 0],  # "7" x2 -> first at j=0 -> True
+            [0, 0, 0, 1],  # all None except the last one -> "9" -> correct[3] = True
+            [1, 1, 1, 1],  # all None -> wrong
+        ]
+    )
     answers = [
         ["4", "3", "3", "4"],
         ["7", None, "7", None],
@@ -127,7 +129,7 @@ def _dist_worker(rank, world_size, port, expected):
     try:
         correct, answers = _dist_data()
         bounds = [(0, 3), (3, 10)][rank]  # uneven split on purpose
-        for metric, want in zip(_make_metrics(), expected):
+        for metric, want in zip(_make_metrics(), expected, strict=True):
             metric.update(correct[slice(*bounds)], answers[slice(*bounds)])
             got = float(metric.compute())
             assert abs(got - want) < 1e-6, (type(metric).__name__, rank, got, want)

@@ -28,6 +28,8 @@ KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 # Rows per chunk are chosen so that chunk_rows * V <= _CHUNK_ELEMENTS (16 MiB per fp32 temporary).
 _CHUNK_ELEMENTS = 2**22
+# The fused path does matmuls per chunk, which need more rows to run fast: 32 MiB per fp32 temporary.
+_FUSED_CHUNK_ELEMENTS = 2**23
 
 
 def _dot_rows(a, b):
@@ -218,7 +220,8 @@ def per_token_divergence(student_logits, teacher_logits, mask=None, *, kind="for
     rows = _kept_rows(mask, student_logits.shape[:-1], student_logits.device)
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
-    return _PerTokenDivergence.apply(student, teacher, rows, kind, float(beta), float(temperature))
+    with _no_autocast(student):  # the math is fp32 by design, whatever autocast would pick
+        return _PerTokenDivergence.apply(student, teacher, rows, kind, float(beta), float(temperature))
 
 
 def _linear_chunk(s_hidden, t_hidden, weight, kind, beta, temperature, need_grad):
@@ -314,7 +317,7 @@ def fused_linear_divergence(
         weight: [V, H] lm_head weight (no bias), the same matrix is used for student and teacher.
         mask: optional bool tensor of the leading shape; True = keep.
         kind, beta, temperature: as in `per_token_divergence`.
-        chunk_size: rows per chunk; default keeps chunk_size * V <= 2**22.
+        chunk_size: rows per chunk; default keeps chunk_size * V <= 2**23.
 
     Returns:
         The per-row loss, shape [N], fp32 (fp64 for fp64 inputs).
@@ -333,7 +336,15 @@ def fused_linear_divergence(
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     hidden = student_hidden.shape[-1]
     rows = _kept_rows(mask, student_hidden.shape[:-1], student_hidden.device)
-    chunk_rows = int(chunk_size) if chunk_size is not None else max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    chunk_rows = int(chunk_size) if chunk_size is not None else max(1, _FUSED_CHUNK_ELEMENTS // weight.shape[0])
     s_hidden = student_hidden.reshape(-1, hidden)
     t_hidden = teacher_hidden.detach().reshape(-1, hidden)
-    return _FusedLinearDivergence.apply(s_hidden, t_hidden, weight, rows, kind, float(beta), float(temperature), chunk_rows)
+    with _no_autocast(s_hidden):
+        return _FusedLinearDivergence.apply(
+            s_hidden, t_hidden, weight, rows, kind, float(beta), float(temperature), chunk_rows
+        )
+
+
+def _no_autocast(tensor):
+    """Autocast off on the tensor's device (inside a bf16-mixed training step, for example)."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
