@@ -21,7 +21,6 @@ def test_quickstart_config_trains_two_steps_on_the_packaged_model(tmp_path, monk
         "fit", "--config", QUICKSTART,
         "--trainer.max_steps", "2",
         "--trainer.limit_val_batches", "0",
-        "--trainer.enable_progress_bar", "false",
         "--data.batch_size", "2",
         "--data.max_new_tokens", "32",
     ])
@@ -38,7 +37,6 @@ def test_quickstart_config_validates_on_the_packaged_model(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cli = run_cli([
         "validate", "--config", QUICKSTART,
-        "--trainer.enable_progress_bar", "false",
         "--data.eval_size", "2",
         "--data.eval_k", "2",
         "--data.eval_max_new_tokens", "48",
