@@ -10,6 +10,8 @@ from collections import Counter
 import torch
 from torchmetrics import Metric
 
+from sdlit.tasks.answers import gold_value, normalize_number, same_number
+
 
 def _as_correct(correct, k):
     """Validate `correct` as a [problems, n] bool tensor with n >= k and return it as bool."""
@@ -88,29 +90,12 @@ class PassAtK(_ScoreAtK):
         self._add(torch.tensor([pass_at_k(n, c, self.k) for c in counts], dtype=torch.float64))
 
 
-def _as_number(text):
-    """Parse text as a finite float (thousands commas allowed), else None."""
-    try:
-        value = float(text.strip().replace(",", ""))
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def answers_match(answer, gold):
-    """True if two answers agree: numerically (tolerance 1e-6) when both parse, else stripped strings equal."""
-    a, b = _as_number(answer), _as_number(gold)
-    if a is not None and b is not None:
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
-    return answer.strip() == gold.strip()
-
-
 def majority_answer(answers):
-    """Most frequent non-None answer (compared after strip), ties -> earliest first occurrence; None if none.
+    """Most frequent non-None answer (the same number written differently counts once), ties -> earliest first occurrence; None if none.
 
     Returns (answer, index of its first occurrence) or (None, None).
     """
-    stripped = [a.strip() if a is not None else None for a in answers]
+    stripped = [_answer_key(a) for a in answers]
     counts = Counter(a for a in stripped if a is not None)
     if not counts:
         return None, None
@@ -119,6 +104,13 @@ def majority_answer(answers):
         if a is not None and counts[a] == best:
             return a, j
     raise AssertionError("unreachable")
+
+
+def _answer_key(answer):
+    """Answers that are the same number count as one ("3", "3.0", "3.00"); other text is compared stripped."""
+    if answer is None:
+        return None
+    return normalize_number(answer) or answer.strip()
 
 
 class MajAtK(_ScoreAtK):
@@ -152,5 +144,5 @@ class MajAtK(_ScoreAtK):
         if answer is None:
             return 0.0
         if golds is not None:
-            return float(answers_match(answer, str(golds[i])))
+            return float(same_number(answer, gold_value(str(golds[i]))))
         return float(bool(correct_row[first]))

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sdlit.metrics import AvgAtK, MajAtK, PassAtK, answers_match, majority_answer
+from sdlit.metrics import AvgAtK, MajAtK, PassAtK, majority_answer
 
 
 def _bool(rows):
@@ -75,9 +75,18 @@ def test_maj_at_k_with_golds_numeric_compare():
     golds = ["1000", "x+1", "2"]
     m = MajAtK(3)
     m.update(correct, answers, golds)
-    # "1,000" and "1000.0" are different strings, tie -> "1,000" == 1000 numerically; "x+1" exact; "3" != "2"
+    # "1,000" and "1000.0" are one number (2 votes) == 1000; "x+1" exact; "3" (2 votes) != "2"
     assert float(m.compute()) == pytest.approx(2 / 3)
-    assert answers_match(" 0.5 ", ".5") and not answers_match("0.5", "0.51")
+
+
+def test_maj_at_k_counts_one_number_written_two_ways_as_one_answer():
+    answers = [["7", "3.0", "3", "7.5"]]  # "3.0" and "3" are one answer with two votes
+    m = MajAtK(4)
+    m.update(_bool([[0, 1, 1, 0]]), answers)
+    assert float(m.compute()) == 1.0
+    with_gold = MajAtK(4)
+    with_gold.update(_bool([[0, 0, 0, 0]]), answers, ["#### 3"])
+    assert float(with_gold.compute()) == 1.0
 
 
 def test_maj_at_k_uses_first_k_samples():

@@ -209,13 +209,7 @@ def per_token_divergence(student_logits, teacher_logits, mask=None, *, kind="for
         The per-row loss, shape [N] (N = B * T for 3-D input), fp32 (fp64 for fp64 inputs).
     """
     check_divergence_args(kind, beta, temperature)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape"
-        )
-    if student_logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}")
+    _check_pair(student_logits, teacher_logits, "logits", "V")
     vocab = student_logits.shape[-1]
     rows = _kept_rows(mask, student_logits.shape[:-1], student_logits.device)
     student = student_logits.reshape(-1, vocab)
@@ -323,13 +317,7 @@ def fused_linear_divergence(
         The per-row loss, shape [N], fp32 (fp64 for fp64 inputs).
     """
     check_divergence_args(kind, beta, temperature)
-    if student_hidden.shape != teacher_hidden.shape:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
-            f"{tuple(teacher_hidden.shape)} must have the same shape"
-        )
-    if student_hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden states must be [N, H] or [B, T, H], got shape {tuple(student_hidden.shape)}")
+    _check_pair(student_hidden, teacher_hidden, "hidden", "H")
     if weight.dim() != 2 or weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(f"weight must be [V, H={student_hidden.shape[-1]}], got shape {tuple(weight.shape)}")
     if chunk_size is not None and int(chunk_size) < 1:
@@ -343,6 +331,16 @@ def fused_linear_divergence(
         return _FusedLinearDivergence.apply(
             s_hidden, t_hidden, weight, rows, kind, float(beta), float(temperature), chunk_rows
         )
+
+
+def _check_pair(student, teacher, what, last):
+    """Student and teacher tensors of one shape, [N, last] or [B, T, last]."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student_{what} {tuple(student.shape)} and teacher_{what} {tuple(teacher.shape)} must have the same shape"
+        )
+    if student.dim() not in (2, 3):
+        raise ValueError(f"{what} must be [N, {last}] or [B, T, {last}], got shape {tuple(student.shape)}")
 
 
 def _no_autocast(tensor):
