@@ -198,3 +198,15 @@ def test_claim_parsing():
         ("( 5 + 3 ) * 2", True), ("2 + 3 * 4", True), ("27 * ( 1 / 3 )", True)]
     assert claims("10/3 = 3.33 and 12/20 x 100% = 60%") == [("10 / 3", True), ("12 / 20 x 100%", True)]
     assert claims("3x + 4 = 28, so x = 8, and 14 * 1/2 = 14 / 2 = 7") == [("14 / 2", True)]
+    # a claim inside prose parentheses is still read (the "(" before it is prose, not the expression's)
+    assert claims("as many as before (15 / 2 = 4)") == [("15 / 2", False)]
+    assert claims("so ((2 + 3) * 4 = 20) here") == [("( 2 + 3 ) * 4", True)]
+
+
+def test_wrong_claim_in_parentheses_is_the_first_error(critic):
+    problem = Arith(min_steps=1, max_steps=1).eval_problems()[0]  # Lena: 15 * 4 = 60
+    response = "Step 1: Lena has 15 stickers.\nStep 2: 4 times as many (15 / 2 = 4).\nStep 3: 15 + 4 = 19.\nAnswer: 19"
+    critique = critic.critique(problem.question, problem.solution, response)
+    assert critique.case == "wrong" and critique.first_error == 1
+    assert "4 times as many (15 / 2 = 4)" not in critique.text and "15 / 2 is 7.5, not 4" in critique.text
+    assert critique.text.rstrip().endswith("Answer: 60")

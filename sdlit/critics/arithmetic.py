@@ -156,6 +156,13 @@ def _left_side(before: str) -> str | None:
     return run
 
 
+def _drop_unmatched_open(tokens: list[str]) -> list[str]:
+    """Leading "(" that the left side never closes belong to the prose ("... as before (15 / 2 = 4)")."""
+    while tokens and tokens[0] == "(" and tokens.count("(") > tokens.count(")"):
+        tokens = tokens[1:]
+    return tokens
+
+
 def evaluate_claims(text: str) -> list[Claim]:
     """All arithmetic claims "a op b (op c ...) = r" in a text (annotations <<...>> are ignored).
 
@@ -171,7 +178,7 @@ def evaluate_claims(text: str) -> list[Claim]:
         if rhs is None or lhs is None:
             continue
         stated = to_fraction(rhs.group(1))
-        tokens = _tokens(lhs)
+        tokens = _drop_unmatched_open(_tokens(lhs))
         try:
             value, steps, ops = _parse(tokens)
         except ValueError:
