@@ -81,6 +81,8 @@ def test_fit_two_steps_changes_weights(tmp_path, tiny_model_dir, objective, call
     lora_b = [p for n_, p in module.model.named_parameters() if "lora_B" in n_]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "LoRA B weights never moved from zero"
     assert float(cli.trainer.callback_metrics["train/tokens"]) > 0
+    # rollouts are sampled right before their step, by the weights being trained: no off-policy lag
+    assert float(cli.trainer.callback_metrics["train/policy_lag"]) == 0.0
 
 
 @pytest.mark.parametrize("teacher", ["current", "ema"])
