@@ -138,7 +138,8 @@ class RolloutDataModule(LightningDataModule):
     def annotated_rollouts(self, batch: list, module) -> list[Rollout]:
         """Sample (or read) rollouts, grade them and let every feedback callback annotate them."""
         if self.offline_path:
-            return [offline_rollout(row, module.tokenizer, module.global_step) for row in batch]
+            kwargs = module.hparams.student_template_kwargs
+            return [offline_rollout(row, module.tokenizer, module.global_step, kwargs) for row in batch]
         rollouts = sample_rollouts(
             module.model,
             module.tokenizer,
@@ -148,6 +149,7 @@ class RolloutDataModule(LightningDataModule):
             top_p=self.top_p,
             max_new_tokens=self.max_new_tokens,
             policy_version=module.global_step,
+            template_kwargs=module.hparams.student_template_kwargs,
         )
         for rollout in rollouts:
             rollout.correct = self.task.is_correct(rollout.response, rollout.problem.answer)
@@ -161,7 +163,8 @@ class RolloutDataModule(LightningDataModule):
 
     def graded_samples(self, problems: list[Problem], module) -> EvalBatch:
         """``eval_k`` samples per held-out problem, each graded by the task."""
-        prompts = [student_prompt_ids(module.tokenizer, p.question) for p in problems]
+        kwargs = module.hparams.student_template_kwargs or {}
+        prompts = [student_prompt_ids(module.tokenizer, p.question, **kwargs) for p in problems]
         responses = sample_responses(
             module.model,
             module.tokenizer,
@@ -200,7 +203,7 @@ def read_offline_rollouts(path: str) -> list[dict]:
     return rows
 
 
-def offline_rollout(row: dict, tokenizer, policy_version: int) -> Rollout:
+def offline_rollout(row: dict, tokenizer, policy_version: int, template_kwargs: dict | None = None) -> Rollout:
     """A :class:`Rollout` from an annotated row; the response is tokenized here, once."""
     problem = Problem(row["question"], row["solution"], row["answer"], row.get("id", ""))
     response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
@@ -208,7 +211,7 @@ def offline_rollout(row: dict, tokenizer, policy_version: int) -> Rollout:
         response_ids.append(tokenizer.eos_token_id)  # the sampled answer ended with EOS
     rollout = Rollout(
         problem=problem,
-        prompt_ids=student_prompt_ids(tokenizer, problem.question),
+        prompt_ids=student_prompt_ids(tokenizer, problem.question, **(template_kwargs or {})),
         response_ids=response_ids,
         response=row["response"],
         policy_version=int(row.get("policy_version", policy_version)),

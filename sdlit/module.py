@@ -50,6 +50,10 @@ class SelfDistillationModule(LightningModule):
         attn_implementation: Attention kernel; default flash-attn on CUDA when installed, else ``sdpa``.
         gradient_checkpointing: Recompute activations in backward to save memory.
         trust_remote_code: Allow models whose code lives in their repository (off unless set).
+        student_template_kwargs: Extra chat-template arguments of the student prompt, e.g.
+            ``{enable_thinking: false}`` for Qwen3 (the paper: student without thinking).
+        teacher_template_kwargs: Extra chat-template arguments of the teacher prompt, e.g.
+            ``{enable_thinking: true}`` (the paper: teacher with thinking).
     """
 
     def __init__(
@@ -72,6 +76,8 @@ class SelfDistillationModule(LightningModule):
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        student_template_kwargs: dict | None = None,
+        teacher_template_kwargs: dict | None = None,
     ):
         super().__init__()
         if objective not in ("self_distillation", "grpo", "hybrid"):
@@ -158,7 +164,10 @@ class SelfDistillationModule(LightningModule):
                 has_context.append(False)
                 continue
             budget = self.max_teacher_tokens() - len(r.response_ids)
-            prompt = teacher_prompt_ids(self.tokenizer, r.problem.question, r.context, r.context_header, budget)
+            prompt = teacher_prompt_ids(
+                self.tokenizer, r.problem.question, r.context, r.context_header, budget,
+                **(self.hparams.teacher_template_kwargs or {}),
+            )
             prompts.append(prompt.ids)
             has_context.append(True)
             truncated += int(prompt.truncated)

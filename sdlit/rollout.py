@@ -95,9 +95,13 @@ def sample_rollouts(
     top_p: float = 1.0,
     max_new_tokens: int = 256,
     policy_version: int = 0,
+    template_kwargs: dict | None = None,
 ) -> list[Rollout]:
-    """Sample ``n`` rollouts per problem from the live solver; rollouts of problem i have ``group == i``."""
-    prompts = [student_prompt_ids(tokenizer, p.question) for p in problems]
+    """Sample ``n`` rollouts per problem from the live solver; rollouts of problem i have ``group == i``.
+
+    ``template_kwargs`` go to the chat template of the student prompt (e.g. ``enable_thinking``).
+    """
+    prompts = [student_prompt_ids(tokenizer, p.question, **(template_kwargs or {})) for p in problems]
     responses = sample_responses(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return [

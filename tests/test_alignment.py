@@ -121,3 +121,26 @@ def test_student_prompt_uses_chat_template_and_step_instruction(module):
     text = module.tokenizer.decode(ids)
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
     assert "Step 1:" in text and "What is 2+3?" in text
+
+
+def test_chat_template_kwargs_reach_student_and_teacher_prompts(tiny_model_dir):
+    module = SelfDistillationModule(
+        model=tiny_model_dir,
+        student_template_kwargs={"enable_thinking": False},
+        teacher_template_kwargs={"enable_thinking": True},
+    )
+    module.configure_model()
+    module.tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}"
+    )
+    problems = Arith(train_size=1).train_problems()
+    rollouts = sample_rollouts(
+        module.model, module.tokenizer, problems, max_new_tokens=4,
+        template_kwargs=module.hparams.student_template_kwargs,
+    )
+    assert module.tokenizer.decode(rollouts[0].prompt_ids).endswith("<no-think>")
+    rollouts[0].context = "hint"
+    batch, _, _ = module.teacher_batch(rollouts)
+    teacher_text = module.tokenizer.decode(batch.input_ids[0][batch.attention_mask[0].bool()])
+    assert "hint" in teacher_text and "<no-think>" not in teacher_text

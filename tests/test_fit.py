@@ -73,7 +73,9 @@ CONDITIONS = [
 @pytest.mark.parametrize("objective,callbacks,n", CONDITIONS, ids=["critique", "reference", "grpo", "hybrid"])
 def test_fit_two_steps_changes_weights(tmp_path, tiny_model_dir, objective, callbacks, n):
     config = write_config(tmp_path, tiny_model_dir, objective, callbacks, rollouts_per_problem=n)
-    cli = run_cli(["fit", "--config", config])
+    # LoRA with activation checkpointing too (the reference-solution case)
+    extra = ["--model.gradient_checkpointing", "true"] if "ReferenceSolution" in callbacks else []
+    cli = run_cli(["fit", "--config", config, *extra])
     module = cli.model
     assert cli.trainer.global_step == 2
     loss = cli.trainer.callback_metrics["train/loss"]
@@ -88,6 +90,9 @@ def test_fit_two_steps_changes_weights(tmp_path, tiny_model_dir, objective, call
 @pytest.mark.parametrize("teacher", ["current", "ema"])
 def test_fit_full_weights_with_other_teachers(tmp_path, tiny_model_dir, teacher):
     config = write_config(tmp_path, tiny_model_dir, callbacks=["ReferenceSolution"], lora=False, teacher=teacher)
+    config_override = yaml.safe_load(open(config))
+    config_override["model"]["init_args"]["gradient_checkpointing"] = teacher == "ema"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_override))
     from transformers import AutoModelForCausalLM
 
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
