@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from sdlit.cli import run_cli
+from sdlit.module import SelfDistillationModule
 
 
 def write_config(tmp_path, model_dir, objective="self_distillation", callbacks=(), lora=True, teacher="base",
@@ -139,3 +140,19 @@ def test_checkpoint_keeps_adapter_only_and_resumes_into_validate(tmp_path, tiny_
     reloaded = trainable_snapshot(cli2.model)
     assert trained.keys() == reloaded.keys()
     assert all(torch.equal(trained[k], reloaded[k]) for k in trained)
+    # and outside the CLI, as a user would in a notebook
+    loaded = SelfDistillationModule.load_from_checkpoint(ckpt_path)
+    assert loaded.model is not None and loaded.lora.r == 4
+    from_ckpt = trainable_snapshot(loaded)
+    assert all(torch.equal(trained[k], from_ckpt[k]) for k in trained)
+
+
+def test_ema_teacher_state_is_checkpointed(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir, callbacks=["ReferenceSolution"], teacher="ema",
+                          extra_trainer={"enable_checkpointing": True})
+    cli = run_cli(["fit", "--config", config])
+    ckpt_path = cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
+    saved = torch.load(ckpt_path, weights_only=True)["teacher"]
+    live = cli.model.teacher.state_dict()
+    assert saved and saved.keys() == live.keys()
+    assert all(torch.equal(saved[k], live[k]) for k in live)
