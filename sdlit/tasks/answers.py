@@ -69,7 +69,7 @@ def find_numbers(text: str) -> list[str]:
     return [m.group(0) for m in re.finditer(rf"(?<![\w.,])-?{NUMBER}|{NUMBER}", text)]
 
 
-def _boxed_contents(text: str) -> list[str]:
+def boxed_contents(text: str) -> list[str]:
     """Contents of every \\boxed{...} in the text, with nested braces matched."""
     contents = []
     for m in re.finditer(r"\\boxed\s*\{", text):
@@ -108,7 +108,7 @@ def extract_answer(text: str) -> str | None:
         return None
     for marked in (
         [m.group(1) for m in _HASHES.finditer(text)],
-        _boxed_contents(text),
+        boxed_contents(text),
         [m.group(1) for m in _ANSWER_IS.finditer(text)],
     ):
         if marked and (value := _marked_value(marked[-1])) is not None:

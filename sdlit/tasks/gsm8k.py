@@ -37,14 +37,14 @@ def parse_row(row: object, source: str, number: int, id: str) -> Problem:
     return Problem(question=row["question"].strip(), solution=solution, answer=gold, id=id)
 
 
-def _parse_rows(rows, source: str, prefix: str, on_bad_row: str) -> tuple[list[Problem], int]:
-    """Parse (row number, row) pairs into problems; returns (problems, number of skipped bad rows)."""
+def _parse_rows(rows, source: str, prefix: str, on_bad_row: str, parse=parse_row) -> tuple[list[Problem], int]:
+    """Parse (row number, row) pairs with ``parse``; returns (problems, number of skipped bad rows)."""
     problems, skipped = [], 0
     for number, row in rows:
         try:
             if isinstance(row, DataError):
                 raise row
-            problems.append(parse_row(row, source, number, f"{prefix}/{number - 1}"))
+            problems.append(parse(row, source, number, f"{prefix}/{number - 1}"))
         except DataError as e:
             if on_bad_row != "skip":
                 raise
@@ -58,10 +58,12 @@ def _parse_rows(rows, source: str, prefix: str, on_bad_row: str) -> tuple[list[P
     return problems, skipped
 
 
-def read_problems_counted(path: str | Path, prefix: str, on_bad_row: str = "error") -> tuple[list[Problem], int]:
-    """Like read_problems, but also returns how many bad rows were skipped."""
+def read_problems_counted(
+    path: str | Path, prefix: str, on_bad_row: str = "error", parse=parse_row
+) -> tuple[list[Problem], int]:
+    """Like read_problems, but also returns how many bad rows were skipped; ``parse`` reads one row."""
     path = Path(path)
-    return _parse_rows(file_rows(path), str(path), prefix, on_bad_row)
+    return _parse_rows(file_rows(path), str(path), prefix, on_bad_row, parse)
 
 
 def read_problems(path: str | Path, prefix: str = "gsm8k", on_bad_row: Literal["error", "skip"] = "error") -> list[Problem]:
@@ -133,11 +135,20 @@ class GSM8K(Task):
             if path is None and self.dataset is not None:
                 problems, skipped = self._load_dataset(split)
             else:
-                default = DATA_DIR / ("gsm8k_train.jsonl" if role == "train" else "gsm8k_test.jsonl")
-                problems, skipped = read_problems_counted(path or default, f"gsm8k/{split}", self.on_bad_row)
+                problems, skipped = read_problems_counted(
+                    path or self.default_path(role), f"{self.name}/{split}", self.on_bad_row, self.parse_row
+                )
             self.skipped_rows += skipped
             self._cache[role] = problems
         return self._cache[role][:size] if size is not None else self._cache[role]
+
+    def default_path(self, role: str) -> Path:
+        """The vendored file of a split ("train" or "eval"), used when no path or dataset is given."""
+        return DATA_DIR / ("gsm8k_train.jsonl" if role == "train" else "gsm8k_test.jsonl")
+
+    def parse_row(self, row: object, source: str, number: int, id: str) -> Problem:
+        """One row as a Problem (GSM8K fields); a DataError names source, row and field."""
+        return parse_row(row, source, number, id)
 
     def _load_dataset(self, split: str) -> tuple[list[Problem], int]:
         """Load one split with `datasets.load_dataset`."""
@@ -148,4 +159,4 @@ class GSM8K(Task):
             data = datasets.load_dataset(self.dataset, self.dataset_config, split=split)
         except Exception as e:  # datasets raises many types; keep one clear message
             raise DataError(f"{source}: could not be loaded ({e})") from e
-        return _parse_rows(enumerate(data, start=1), source, f"gsm8k/{split}", self.on_bad_row)
+        return _parse_rows(enumerate(data, start=1), source, f"{self.name}/{split}", self.on_bad_row, self.parse_row)
