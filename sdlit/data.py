@@ -136,10 +136,12 @@ class RolloutDataModule(LightningDataModule):
             return self.graded_samples(batch, module)
 
     def annotated_rollouts(self, batch: list, module) -> list[Rollout]:
-        """Sample (or read) rollouts, grade them and let every feedback callback annotate them."""
+        """Sample rollouts, grade them and let every feedback callback annotate them (offline: read, grade)."""
         if self.offline_path:
             kwargs = module.hparams.student_template_kwargs
-            return [offline_rollout(row, module.tokenizer, module.global_step, kwargs) for row in batch]
+            rollouts = [offline_rollout(row, module.tokenizer, module.global_step, kwargs) for row in batch]
+            self.grade(rollouts)
+            return rollouts
         rollouts = sample_rollouts(
             module.model,
             module.tokenizer,
@@ -151,11 +153,15 @@ class RolloutDataModule(LightningDataModule):
             policy_version=module.global_step,
             template_kwargs=module.hparams.student_template_kwargs,
         )
-        for rollout in rollouts:
-            rollout.correct = self.task.is_correct(rollout.response, rollout.problem.answer)
+        self.grade(rollouts)
         for feedback in self.feedback_callbacks():
             feedback.annotate(rollouts)
         return rollouts
+
+    def grade(self, rollouts: list[Rollout]) -> None:
+        """Mark each rollout correct or not by the task's answer check."""
+        for rollout in rollouts:
+            rollout.correct = self.task.is_correct(rollout.response, rollout.problem.answer)
 
     def feedback_callbacks(self) -> list[Feedback]:
         """The trainer's feedback callbacks, in the order they were given."""

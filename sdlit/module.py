@@ -223,8 +223,8 @@ class SelfDistillationModule(LightningModule):
     def _log_step(self, rollouts: list[Rollout], batch: ScoringBatch, loss, losses) -> None:
         size = len(rollouts)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        for name, value in losses.items():
-            if len(losses) > 1:
+        if len(losses) > 1:  # hybrid: each term too
+            for name, value in losses.items():
                 self.log(f"train/loss_{name}", value, batch_size=size)
         rewards = [r.reward for r in rollouts if r.reward is not None]
         if rewards:

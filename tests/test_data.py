@@ -40,6 +40,7 @@ def test_offline_rollouts_train_end_to_end(tmp_path, tiny_model_dir):
     assert cli.trainer.global_step == 2
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     assert float(cli.trainer.callback_metrics["train/reward"]) == pytest.approx(0.5)
+    assert float(cli.trainer.callback_metrics["train/accuracy"]) == 0.0  # "Answer: 8" is graded wrong
 
 
 def test_offline_malformed_row_names_file_and_row(tmp_path):
