@@ -126,7 +126,7 @@ class SelfDistillationModule(LightningModule):
         student = self._student_batch(rollouts)
         teacher_logits, has_context = None, None
         if self.uses_teacher:  # before the student pass: swapping teacher weights must precede its graph
-            teacher_logits, has_context = self._teacher_logits(rollouts, student)
+            teacher_logits, has_context = self._teacher_logits(rollouts)
         student_logits = response_logits(self.model, student)
         losses = {}
         if self.uses_teacher:
@@ -177,13 +177,24 @@ class SelfDistillationModule(LightningModule):
         return batch, torch.tensor(has_context, device=self.device), truncated
 
     @torch.no_grad()
-    def _teacher_logits(self, rollouts: list[Rollout], student: ScoringBatch):
+    def _teacher_logits(self, rollouts: list[Rollout]):
         batch, has_context, truncated = self.teacher_batch(rollouts)
+        self._check_contexts(rollouts, has_context)
         self.truncations += truncated
         self.log("train/truncations", float(truncated), reduce_fx="sum", batch_size=len(rollouts))
         with self.teacher.weights(self.model):
             logits = response_logits(self.model, batch)
         return logits, has_context
+
+    def _check_contexts(self, rollouts: list[Rollout], has_context: torch.Tensor) -> None:
+        """Self-distillation without any teacher context would train on nothing: say so."""
+        fallbacks = any("critic_fallback" in r.feedback for r in rollouts)
+        if self.hparams.objective == "self_distillation" and not has_context.any() and not fallbacks:
+            raise ValueError(
+                "objective 'self_distillation' needs a teacher context on the rollouts, and none has one: add a "
+                "feedback callback that sets it (ReferenceSolution, StepCritique, ...) to trainer.callbacks, "
+                "or a 'context' field to offline data"
+            )
 
     def _grpo_loss(self, rollouts: list[Rollout], logits: torch.Tensor, batch: ScoringBatch) -> torch.Tensor:
         if any(r.reward is None for r in rollouts):

@@ -107,6 +107,16 @@ def test_fit_full_weights_with_other_teachers(tmp_path, tiny_model_dir, teacher)
         assert shadow and any(not torch.equal(shadow[k], dict(cli.model.model.named_parameters())[k]) for k in shadow)
 
 
+@pytest.mark.parametrize("objective,callbacks,message", [
+    ("self_distillation", ["BinaryReward"], "needs a teacher context"),
+    ("grpo", ["ReferenceSolution"], "needs a reward on every rollout"),
+])
+def test_missing_feedback_is_a_clear_error(tmp_path, tiny_model_dir, objective, callbacks, message):
+    config = write_config(tmp_path, tiny_model_dir, objective, callbacks, rollouts_per_problem=2)
+    with pytest.raises(ValueError, match=message):
+        run_cli(["fit", "--config", config])
+
+
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, callbacks=["StepCritique"], extra_trainer={"precision": "bf16-mixed"})
     cli = run_cli(["fit", "--config", config])
