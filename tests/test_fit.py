@@ -166,3 +166,24 @@ def test_ema_teacher_state_is_checkpointed(tmp_path, tiny_model_dir):
     live = cli.model.teacher.state_dict()
     assert saved and saved.keys() == live.keys()
     assert all(torch.equal(saved[k], live[k]) for k in live)
+
+
+def test_ddp_on_two_cpu_processes(tmp_path, tiny_model_dir):
+    """Lightning's own DDP (gloo on CPU): each rank samples its own problems; metrics are synced."""
+    import csv
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, tiny_model_dir, callbacks=["BinaryReward", "StepCritique"],
+                          extra_trainer={"limit_val_batches": None, "val_check_interval": 2})
+    cmd = [sys.executable, "-m", "sdlit.cli", "fit", "--config", config,
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.log_every_n_steps", "1",
+           "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "logs")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Starting with 2 processes" in done.stdout + done.stderr
+    rows = list(csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv")))))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    evals = [float(r["val/avg@3"]) for r in rows if r.get("val/avg@3")]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert len(evals) == 1 and 0.0 <= evals[0] <= 1.0
