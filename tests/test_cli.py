@@ -102,7 +102,21 @@ def test_unknown_model_alias_gives_a_clear_error(tmp_path):
 @pytest.mark.parametrize("name", ["grpo", "reference", "critique"])
 def test_gsm8k_configs_run_a_step_on_a_tiny_model(name, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs write under runs/
-    cli = run_cli([
+    cli = run_gsm8k_config_step(name, tiny_model_dir)
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 1 and "val/avg@12" in metrics  # what ModelCheckpoint monitors
+    last = tmp_path / f"runs/gsm8k-{name}/checkpoints/last.ckpt"
+    assert last.exists()
+    assert list((tmp_path / f"runs/gsm8k-{name}").rglob("config.yaml")), "the resolved config is saved per run"
+    if name == "critique":  # a rerun replaces last.ckpt instead of writing last-v1.ckpt beside a stale one
+        first = last.stat().st_mtime_ns
+        run_gsm8k_config_step(name, tiny_model_dir)
+        assert last.stat().st_mtime_ns > first
+        assert not list(last.parent.glob("last-v*.ckpt"))
+
+
+def run_gsm8k_config_step(name, tiny_model_dir):
+    return run_cli([
         "fit", "--config", str(ROOT / f"configs/gsm8k/{name}.yaml"),
         "--model.model", tiny_model_dir,
         "--trainer.max_steps", "1", "--trainer.accumulate_grad_batches", "1",
@@ -110,7 +124,3 @@ def test_gsm8k_configs_run_a_step_on_a_tiny_model(name, tiny_model_dir, tmp_path
         "--data.max_new_tokens", "8", "--data.eval_max_new_tokens", "4",
         "--data.eval_batch_size", "1", "--data.batch_size", "1" if name == "grpo" else "2",
     ])
-    metrics = cli.trainer.callback_metrics
-    assert cli.trainer.global_step == 1 and "val/avg@12" in metrics  # what ModelCheckpoint monitors
-    assert (tmp_path / f"runs/gsm8k-{name}/checkpoints/last.ckpt").exists()
-    assert list((tmp_path / f"runs/gsm8k-{name}").rglob("config.yaml")), "the resolved config is saved per run"
