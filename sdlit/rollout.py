@@ -63,6 +63,7 @@ def sample_responses(
     """Sample ``n`` responses per prompt in one batched ``generate`` call; returns n*len(prompts) id lists.
 
     Responses are grouped by prompt (all n of prompt 0 first) and cut after the first EOS, which is kept.
+    ``temperature == 0`` decodes greedily, once per prompt, and repeats the answer ``n`` times.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
@@ -77,13 +78,16 @@ def sample_responses(
             top_p=top_p if temperature > 0 else None,
             top_k=0 if temperature > 0 else None,
             max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
+            num_return_sequences=n if temperature > 0 else 1,
             pad_token_id=tokenizer.pad_token_id,
         )
     finally:
         model.train(was_training)
     eos_ids = _eos_ids(model, tokenizer)
-    return [_cut_at_eos(row.tolist(), eos_ids) for row in output[:, input_ids.shape[1] :]]
+    responses = [_cut_at_eos(row.tolist(), eos_ids) for row in output[:, input_ids.shape[1] :]]
+    if temperature > 0:
+        return responses
+    return [list(r) for r in responses for _ in range(n)]
 
 
 def sample_rollouts(
