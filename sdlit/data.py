@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from sdlit.callbacks.feedback import Feedback
 from sdlit.prompts import student_prompt_ids
-from sdlit.rollout import Rollout, sample_responses, sample_rollouts
+from sdlit.rollout import Rollout, sample_rollouts
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError, Problem, Task
 from sdlit.tasks.rows import file_rows
@@ -169,23 +169,28 @@ class RolloutDataModule(LightningDataModule):
 
     def graded_samples(self, problems: list[Problem], module) -> EvalBatch:
         """``eval_k`` samples per held-out problem, each graded by the task."""
-        kwargs = module.hparams.student_template_kwargs or {}
-        prompts = [student_prompt_ids(module.tokenizer, p.question, **kwargs) for p in problems]
-        responses = sample_responses(
+        rollouts = sample_rollouts(
             module.model,
             module.tokenizer,
-            prompts,
+            problems,
             n=self.eval_k,
             temperature=self.eval_temperature,
             max_new_tokens=self.eval_max_new_tokens,
+            policy_version=module.global_step,
+            template_kwargs=module.hparams.student_template_kwargs,
         )
-        texts = module.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        self.grade(rollouts)
         k = self.eval_k
-        grouped = [texts[i * k : (i + 1) * k] for i in range(len(problems))]
-        answers = [[self.task.extract_answer(t) for t in group] for group in grouped]
-        correct = [[self.task.is_correct(t, p.answer) for t in group] for p, group in zip(problems, grouped)]
-        lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32).view(len(problems), k)
-        return EvalBatch(problems, grouped, answers, torch.tensor(correct, device=module.device), lengths.to(module.device))
+        groups = [rollouts[i * k : (i + 1) * k] for i in range(len(problems))]
+        return EvalBatch(
+            problems=problems,
+            responses=[[r.response for r in group] for group in groups],
+            answers=[[self.task.extract_answer(r.response) for r in group] for group in groups],
+            correct=torch.tensor([[r.correct for r in group] for group in groups], device=module.device),
+            lengths=torch.tensor(
+                [[len(r.response_ids) for r in group] for group in groups], dtype=torch.float32, device=module.device
+            ),
+        )
 
 
 # ---- offline rollouts ------------------------------------------------------------------------------
