@@ -19,7 +19,7 @@ from typing import Literal
 from jsonargparse import lazy_instance
 from lightning.pytorch import Callback
 
-from sdlit.critics import ArithmeticStepCritic, Critic
+from sdlit.critics import ArithmeticStepCritic, Critic, critique_outcomes
 from sdlit.rollout import Rollout
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,10 @@ class ReferenceSolution(Feedback):
 class StepCritique(Feedback):
     """The self-teacher sees a frozen critic's step-aligned critique of this very rollout.
 
-    When the critic fails on a rollout, the rollout falls back to ``fallback`` and the failure is counted
-    (``critic/failures``, ``critic/fallbacks``); training goes on.
+    The whole batch goes to the critic in one call (an LLM critic batches or parallelises it). When the
+    critic fails on a rollout (timeout, HTTP error, unparseable reply, any exception), that rollout falls
+    back to ``fallback``, the failure is counted and logged (``critic/failures``, ``critic/fallbacks``) and
+    training goes on; a batch the critic fails wholesale still trains.
 
     Args:
         critic: The frozen critic (``ArithmeticStepCritic`` by default).
@@ -112,34 +114,32 @@ class StepCritique(Feedback):
         self.failures = 0
         self.fallbacks = 0
         self.cases: Counter[str] = Counter()
+        self.failure_kinds: Counter[str] = Counter()  # failures by exception type
 
     def annotate(self, rollouts: list[Rollout]) -> None:
+        """Critique the batch in one call; a rollout whose critique failed falls back (counted, logged)."""
         items = [(r.problem.question, r.problem.solution, r.response) for r in rollouts]
-        try:
-            critiques = self.critic.critique_batch(items)
-        except Exception as err:  # noqa: BLE001 - any critic fault falls back, counted and logged
-            log.warning("critic failed on a batch of %d rollouts (%s); falling back per rollout", len(items), err)
-            critiques = [self._critique_one(item) for item in items]
-        for rollout, critique in zip(rollouts, critiques):
-            if critique is None:
-                self._fall_back(rollout)
+        outcomes = critique_outcomes(self.critic, items)
+        errors = [o for o in outcomes if isinstance(o, Exception)]
+        if errors:
+            first = errors[0]
+            log.warning("critic failed on %d of %d rollouts (first: %s: %s); fallback %r",
+                        len(errors), len(items), type(first).__name__, first, self.fallback)
+        for rollout, outcome in zip(rollouts, outcomes):
+            if isinstance(outcome, Exception):
+                self.failures += 1
+                self.failure_kinds[type(outcome).__name__] += 1
+                self._fall_back(rollout, outcome)
                 continue
-            self.set_context(rollout, critique.text)
-            rollout.feedback.update(case=critique.case, first_error=critique.first_error)
-            self.cases[critique.case] += 1
+            self.set_context(rollout, outcome.text)
+            rollout.feedback.update(case=outcome.case, first_error=outcome.first_error)
+            self.cases[outcome.case] += 1
 
-    def _critique_one(self, item: tuple[str, str, str]):
-        try:
-            return self.critic.critique(*item)
-        except Exception as err:  # noqa: BLE001
-            log.warning("critic failed (%s: %s); using fallback %r", type(err).__name__, err, self.fallback)
-            self.failures += 1
-            return None
-
-    def _fall_back(self, rollout: Rollout) -> None:
+    def _fall_back(self, rollout: Rollout, error: Exception) -> None:
         context = clean_solution(rollout.problem.solution) if self.fallback == "reference" else None
         self.set_context(rollout, context)
         rollout.feedback["critic_fallback"] = self.fallback
+        rollout.feedback["critic_error"] = type(error).__name__
         self.fallbacks += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

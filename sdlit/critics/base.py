@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Critic", "Critique", "StepVerdict"]
+__all__ = ["Critic", "Critique", "StepVerdict", "critique_outcomes"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,28 @@ class Critic(Protocol):
     def critique_batch(self, items: Sequence[tuple[str, str, str]]) -> list[Critique]:
         """Critique many (question, reference, response) triples, in order."""
         ...
+
+
+def critique_outcomes(critic: Critic, items: Sequence[tuple[str, str, str]]) -> list[Critique | Exception]:
+    """A critique, or the exception that prevented it, per (question, reference, response) item.
+
+    Critics that report failures per item (``critique_outcomes`` method, e.g. the LLM critics) are asked
+    once. For any other critic the batch is tried whole, and when it raises, item by item, so that one bad
+    item costs only itself.
+    """
+    if hasattr(critic, "critique_outcomes"):
+        try:
+            return list(critic.critique_outcomes(items))
+        except Exception as err:  # noqa: BLE001 - a critic that fails wholesale fails every item
+            return [err] * len(items)
+    try:
+        return list(critic.critique_batch(items))
+    except Exception:  # noqa: BLE001 - retry one by one below
+        pass
+    outcomes: list[Critique | Exception] = []
+    for item in items:
+        try:
+            outcomes.append(critic.critique(*item))
+        except Exception as err:  # noqa: BLE001
+            outcomes.append(err)
+    return outcomes
