@@ -287,3 +287,30 @@ def test_fit_goes_on_with_a_failing_critic_and_never_writes_the_key(serve, tmp_p
     assert yaml.safe_load(saved_configs[0].read_text())["trainer"]["callbacks"]
     for path in written:
         assert KEY.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+
+
+def test_paper_configs_state_the_papers_setup(capsys):
+    from pathlib import Path
+
+    from test_cli import print_config
+
+    root = Path(__file__).resolve().parents[1] / "configs/paper"
+    per_step = {}
+    for name in ("grpo", "reference", "critique"):
+        cfg = print_config(["--config", str(root / f"{name}.yaml")], capsys)
+        model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+        assert model["model"] == "Qwen/Qwen3-1.7B" and model["learning_rate"] == 5e-6 and model["teacher"] == "base"
+        assert (model["lora"]["r"], model["lora"]["alpha"]) == (64, 128)
+        assert model["student_template_kwargs"] == {"enable_thinking": False}
+        assert model["teacher_template_kwargs"] == {"enable_thinking": True}
+        assert trainer["precision"] == "bf16-mixed" and data["temperature"] == 1.1 and data["max_new_tokens"] == 2048
+        per_step[name] = data["batch_size"] * data["rollouts_per_problem"] * trainer["accumulate_grad_batches"]
+        best = [c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+        assert best[0]["init_args"]["monitor"] == f"val/avg@{data['eval_k']}" == "val/avg@12"
+        critiques = [c for c in trainer["callbacks"] if c["class_path"].endswith("StepCritique")]
+        assert bool(critiques) == (name == "critique")
+    assert per_step == {"grpo": 32, "reference": 32, "critique": 32}
+    critic = critiques[0]["init_args"]["critic"]
+    assert critic["class_path"] == "sdlit.critics.HTTPCritic"
+    assert critic["init_args"]["model"] == "Qwen/QwQ-32B" and critic["init_args"]["api_key_env"] == "OPENAI_API_KEY"
+    assert critic["init_args"]["temperature"] == 0.0

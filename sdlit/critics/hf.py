@@ -46,8 +46,8 @@ class HFCritic(LLMCritic):
         template_kwargs: dict | None = None,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
-        prompt: CritiquePrompt | None = None,
-        parser: CritiqueParser | None = None,
+        prompt: CritiquePrompt = CritiquePrompt(),
+        parser: CritiqueParser = CritiqueParser(),
         cache_dir: str | None = None,
     ):
         super().__init__(prompt, parser, cache_dir)

@@ -77,8 +77,8 @@ class HTTPCritic(LLMCritic):
         temperature: float = 0.0,
         max_tokens: int = 8192,
         extra_body: dict | None = None,
-        prompt: CritiquePrompt | None = None,
-        parser: CritiqueParser | None = None,
+        prompt: CritiquePrompt = CritiquePrompt(),
+        parser: CritiqueParser = CritiqueParser(),
         cache_dir: str | None = None,
     ):
         super().__init__(prompt, parser, cache_dir)
