@@ -136,3 +136,25 @@ def test_prompt_template_is_a_setting_and_checked():
         CritiquePrompt(template="{solution} {response}")
     with pytest.raises(ValueError, match="must contain the field"):
         CritiquePrompt(template="{question}")
+
+
+def test_critique_outcomes_isolates_failures_of_any_critic():
+    from sdlit.critics import ArithmeticStepCritic, critique_outcomes
+
+    class Picky:
+        def critique(self, question, reference, response):
+            if "boom" in response:
+                raise TimeoutError("slow")
+            return ArithmeticStepCritic().critique(question, reference, response)
+
+        def critique_batch(self, items):
+            return [self.critique(*item) for item in items]
+
+    class Wholesale:
+        def critique_outcomes(self, items):
+            raise ConnectionError("server gone")
+
+    items = [("q", "1 + 1 = 2\n#### 2", "Step 1: 1 + 1 = 2\nAnswer: 2"), ("q", "#### 2", "boom")]
+    first, second = critique_outcomes(Picky(), items)
+    assert first.case == "correct" and isinstance(second, TimeoutError)
+    assert all(isinstance(o, ConnectionError) for o in critique_outcomes(Wholesale(), items))

@@ -67,9 +67,13 @@ def critique_outcomes(critic: Critic, items: Sequence[tuple[str, str, str]]) -> 
     """
     if hasattr(critic, "critique_outcomes"):
         try:
-            return list(critic.critique_outcomes(items))
+            outcomes = list(critic.critique_outcomes(items))
         except Exception as err:  # noqa: BLE001 - a critic that fails wholesale fails every item
             return [err] * len(items)
+        if len(outcomes) != len(items):
+            return [RuntimeError(f"{type(critic).__name__} returned {len(outcomes)} critiques for "
+                                 f"{len(items)} answers")] * len(items)
+        return outcomes
     try:
         return list(critic.critique_batch(items))
     except Exception:  # noqa: BLE001 - retry one by one below
