@@ -270,7 +270,7 @@ class SelfDistillationModule(LightningModule):
             return loss
 
         super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
-        self.guard.record(finite.get("ok", True), self.global_step, finite.get("loss"))
+        self.guard.record(finite.get("ok", True), self.global_step + 1, finite.get("loss"))  # 1-based: this step
         self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
         if finite.get("ok", True):
             self.teacher.update(self.model)
