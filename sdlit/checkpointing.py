@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -85,6 +86,20 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def plain_values(value: Any) -> Any:
+    """``value`` with dataclass instances and dict subclasses turned into plain dicts (recursively), so
+    ``torch.load(weights_only=True)`` reads it back; lists and tuples are walked, anything else is kept."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_values(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: plain_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_values(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_values(v) for v in value)
+    return value
 
 
 # ---- random state ----------------------------------------------------------------------------------

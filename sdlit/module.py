@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
 
-from sdlit.checkpointing import capture_rng_states, restore_rng_states
+from sdlit.checkpointing import capture_rng_states, plain_values, restore_rng_states
 from sdlit.guard import StepGuard
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
 from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, load_model, load_tokenizer
@@ -91,6 +91,8 @@ class SelfDistillationModule(LightningModule):
         if not 0.0 <= grpo_weight <= 1.0:
             raise ValueError(f"grpo_weight must lie in [0, 1], got {grpo_weight}")
         self.save_hyperparameters()
+        if isinstance(lora, dict):  # from a checkpoint's plain hyper-parameters (see on_save_checkpoint)
+            lora = LoraSettings(**lora)
         self.lora = lora  # hparams may hold the raw config under LightningCLI; keep the object itself
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.teacher = TeacherWeights(teacher, ema_decay)
@@ -327,6 +329,8 @@ class SelfDistillationModule(LightningModule):
         checkpoint["teacher"] = self.teacher.state_dict()
         checkpoint["step_guard"] = self.guard.state_dict()
         checkpoint["rng_states"] = capture_rng_states()
+        if "hyper_parameters" in checkpoint:  # e.g. LoraSettings as a dict: the file loads with weights_only=True
+            checkpoint["hyper_parameters"] = plain_values(checkpoint["hyper_parameters"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore the EMA teacher state and the guard's counters; keep the random state for train start."""
