@@ -60,6 +60,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(temp).unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a process killed while saving
+            stale.unlink(missing_ok=True)
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None):
         """Load a checkpoint; ``weights_only`` defaults to this plugin's setting."""

@@ -244,6 +244,7 @@ def test_remote_model_code_runs_only_when_trusted(tmp_path, tiny_model_dir):
     assert type(trusted).__name__ == "RemoteLlama"
 
 
+@pytest.mark.filterwarnings("ignore:Found keys that are in the model state dict but not in the checkpoint")
 def test_python_api_checkpoint_loads_weights_only(tmp_path, tiny_model_dir):
     from lightning.pytorch import Trainer
 

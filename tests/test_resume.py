@@ -141,11 +141,11 @@ def straight_run(tmp_path_factory, tiny_model_dir):
     cli = run_cli(["fit", "--config", write_config(folder, tiny_model_dir, [recorder(folder / "steps.jsonl")])])
     steps = read_steps(folder / "steps.jsonl")
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
-    return steps, cli
+    return steps, cli, folder
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, straight_run):
-    expected, straight = straight_run
+    expected, straight, _ = straight_run
     kill_after = 3
     crash_log = tmp_path / "steps.jsonl"
     config = write_config(tmp_path, tiny_model_dir,
@@ -179,17 +179,17 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
     assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"]
 
 
-def test_checkpoint_loads_weights_only(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir, [])
-    cli = run_cli(["fit", "--config", config, "--trainer.max_steps", "2"])
+def test_checkpoint_loads_weights_only(straight_run):
+    _, cli, folder = straight_run
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
-    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # no pickled objects inside
-    assert checkpoint["global_step"] == 2
+    checkpoint = torch.load(folder / "ckpt" / "last.ckpt", weights_only=True)  # no pickled objects inside
+    assert checkpoint["global_step"] == 6
     assert set(checkpoint["rng_states"]) >= {"torch", "python", "numpy"}
     assert checkpoint["step_guard"] == {"skipped": 0, "consecutive": 0}
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 2}]
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
     assert checkpoint["RolloutDataModule"]["seed"] == 7
-    assert not list((tmp_path / "ckpt").glob(".*.tmp")), "a temporary file was left behind"
+    assert checkpoint["teacher"] and all(k.startswith("base_model.") for k in checkpoint["teacher"])
+    assert not list((folder / "ckpt").glob(".*.tmp")), "a temporary file was left behind"
 
 
 def test_sigkill_while_saving_leaves_the_previous_checkpoint(tmp_path, tiny_model_dir):
@@ -206,6 +206,8 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(tmp_path, tiny_mode
     resumed = run_cli(["fit", "--config", write_config(tmp_path, tiny_model_dir, []), "--ckpt_path", "last",
                        "--trainer.max_steps", "2"])
     assert resumed.trainer.global_step == 2
+    assert AtomicCheckpointIO().load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 2
+    assert not partial[0].exists(), "the next save did not clear the half-written file"
 
 
 def test_default_plugin_keeps_user_plugins():
