@@ -264,10 +264,12 @@ class SelfDistillationModule(LightningModule):
 
         def guarded_closure():
             loss = optimizer_closure()
-            # fp16 AMP: the GradScaler skips overflowing steps itself and needs the gradients to see them
-            check_grads = getattr(self.trainer.precision_plugin, "scaler", None) is None
-            finite["ok"], finite["loss"] = self.guard.step_is_finite(loss, self.model, check_grads), loss
-            if not finite["ok"]:
+            # fp16 AMP: the GradScaler skips steps with inf/NaN gradients itself and needs the gradients to see them
+            scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+            ok = self.guard.step_is_finite(loss, self.model, check_grads=not scaled)
+            finite["ok"] = self.trainer.strategy.reduce_boolean_decision(ok, all=True)  # all ranks skip together
+            finite["loss"] = loss
+            if not finite["ok"] and not scaled:
                 optimizer.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradients alone
             return loss
 
