@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 import sdlit.callbacks  # noqa: F401  (registers the shipped callbacks for short class names in YAML)
 import sdlit.critics  # noqa: F401
 import sdlit.tasks  # noqa: F401
+from sdlit.checkpointing import AtomicCheckpointIO
 from sdlit.data import RolloutDataModule
 from sdlit.module import SelfDistillationModule
 
@@ -21,6 +23,22 @@ class SdlitCLI(LightningCLI):
                 "data": {"class_path": "sdlit.data.RolloutDataModule"},
             }
         )
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, writing checkpoints atomically (:class:`AtomicCheckpointIO`) unless the config gives
+        its own checkpoint plugin; other plugins are kept."""
+        if "plugins" not in kwargs:
+            configured = self._get(self.config_init, "trainer", default={}).get("plugins")
+            kwargs["plugins"] = with_atomic_checkpoints(configured)
+        return super().instantiate_trainer(**kwargs)
+
+
+def with_atomic_checkpoints(plugins) -> list:
+    """``plugins`` (None, one or a list) plus an :class:`AtomicCheckpointIO` if none of them is a CheckpointIO."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def run_cli(args: list[str] | None = None) -> SdlitCLI:

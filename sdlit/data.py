@@ -11,8 +11,10 @@ from JSONL/Parquet instead of sampling.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jsonargparse import lazy_instance
@@ -20,6 +22,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from sdlit.callbacks.feedback import Feedback
+from sdlit.checkpointing import EpochSampler, ResumableLoader
 from sdlit.prompts import student_prompt_ids
 from sdlit.rollout import Rollout, sample_rollouts
 from sdlit.tasks.arith import Arith
@@ -58,7 +61,10 @@ class RolloutDataModule(LightningDataModule):
         offline_path: JSONL or Parquet file of already-annotated rollouts to train on instead of sampling;
             each row needs ``question``, ``solution``, ``answer``, ``response`` and optionally ``context``,
             ``context_header``, ``reward``, ``logprobs``, ``group``, ``finished`` (default true: EOS appended).
-        shuffle: Shuffle training problems every epoch (seeded by ``seed_everything``).
+        shuffle: Shuffle training problems every epoch; the order is fixed by (``seed_everything``'s seed,
+            epoch), so a run resumed with ``--ckpt_path`` sees the same problems in the same order.
+        on_bad_row: Offline rows that are malformed or miss a field: ``error`` stops with a message naming
+            file, row and field; ``skip`` leaves them out, logs each one and counts them (``skipped_rows``).
     """
 
     def __init__(
@@ -76,12 +82,15 @@ class RolloutDataModule(LightningDataModule):
         eval_size: int | None = None,
         offline_path: str | None = None,
         shuffle: bool = True,
+        on_bad_row: Literal["error", "skip"] = "error",
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("rollouts_per_problem", rollouts_per_problem),
                             ("eval_k", eval_k), ("eval_batch_size", eval_batch_size)):
             if value < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {value}")
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         self.task = task
         self.batch_size = batch_size
         self.rollouts_per_problem = rollouts_per_problem
@@ -95,14 +104,44 @@ class RolloutDataModule(LightningDataModule):
         self.eval_size = eval_size
         self.offline_path = offline_path
         self.shuffle = shuffle
+        self.on_bad_row = on_bad_row
+        self.skipped_rows = 0
+        self.seed: int | None = None  # the shuffle seed: seed_everything's, fixed at the first train_dataloader()
+        self.position = {"epoch": 0, "batches": 0}  # training batches handed to the model this epoch
 
     # ---- dataloaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         """Batches of problems (online) or of annotated rows (offline)."""
-        rows = read_offline_rollouts(self.offline_path) if self.offline_path else self.task.train_problems()
+        rows = self._offline_rows() if self.offline_path else self.task.train_problems()
         if not rows:
             raise DataError(f"the training split of task {self.task.name!r} is empty")
-        return DataLoader(rows, batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=list)
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return ResumableLoader(  # Lightning saves and restores its position with the fit loop
+            rows, batch_size=self.batch_size, sampler=EpochSampler(len(rows), self.shuffle, self.seed),
+            collate_fn=list, position=self.position,
+        )
+
+    def _offline_rows(self) -> list[dict]:
+        rows, skipped = read_offline_rollouts_counted(self.offline_path, self.on_bad_row)
+        self.skipped_rows = skipped
+        return rows
+
+    # ---- resume ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The shuffle seed and the count of skipped bad rows, for checkpoints (the position is the loader's)."""
+        return {"seed": self.seed, "skipped_rows": self.skipped_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the shuffle seed, so a resumed run sees the same order."""
+        self.seed = state.get("seed", self.seed)
+
+    def _count_training_batch(self) -> None:
+        """Advance the data-stream position (shared with the loader) by the batch about to be trained on."""
+        epoch = self.trainer.current_epoch
+        if epoch != self.position["epoch"]:
+            self.position.update(epoch=epoch, batches=0)
+        self.position["batches"] += 1
 
     def val_dataloader(self) -> DataLoader:
         """Batches of held-out problems."""
@@ -132,6 +171,7 @@ class RolloutDataModule(LightningDataModule):
         module = trainer.lightning_module
         with trainer.precision_plugin.forward_context():
             if trainer.training:
+                self._count_training_batch()
                 return self.annotated_rollouts(batch, module)
             return self.graded_samples(batch, module)
 
@@ -197,21 +237,40 @@ class RolloutDataModule(LightningDataModule):
 _OFFLINE_REQUIRED = ("question", "solution", "answer", "response")
 
 
-def read_offline_rollouts(path: str) -> list[dict]:
+def read_offline_rollouts(path: str, on_bad_row: str = "error") -> list[dict]:
     """Rows of an annotated-rollouts file (JSONL or Parquet), checked for the required fields."""
-    rows = []
+    return read_offline_rollouts_counted(path, on_bad_row)[0]
+
+
+def read_offline_rollouts_counted(path: str, on_bad_row: str = "error") -> tuple[list[dict], int]:
+    """Like :func:`read_offline_rollouts`, also returning how many bad rows were skipped
+    (``on_bad_row="skip"``; ``"error"`` raises a DataError naming file, row and field on the first one)."""
+    rows, skipped = [], 0
     for number, row in file_rows(Path(path)):
-        if isinstance(row, DataError):
-            raise row
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {number}: expected an object with fields {', '.join(_OFFLINE_REQUIRED)}")
-        for name in _OFFLINE_REQUIRED:
-            if not isinstance(row.get(name), str) or not row[name].strip():
-                raise DataError(f"{path}: row {number}: field {name!r} is missing or empty")
-        rows.append(row)
+        try:
+            rows.append(_checked_offline_row(row, path, number))
+        except DataError as err:
+            if on_bad_row != "skip":
+                raise
+            skipped += 1
+            log.warning("skipping bad offline row: %s", err)
     if not rows:
-        raise DataError(f"{path}: no rollouts in file")
-    return rows
+        detail = f" ({skipped} bad rows skipped)" if skipped else ""
+        raise DataError(f"{path}: no rollouts in file{detail}")
+    if skipped:
+        log.warning("%s: skipped %d bad rows, kept %d rollouts", path, skipped, len(rows))
+    return rows, skipped
+
+
+def _checked_offline_row(row, path: str, number: int) -> dict:
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(f"{path}: row {number}: expected an object with fields {', '.join(_OFFLINE_REQUIRED)}")
+    for name in _OFFLINE_REQUIRED:
+        if not isinstance(row.get(name), str) or not row[name].strip():
+            raise DataError(f"{path}: row {number}: field {name!r} is missing or empty")
+    return row
 
 
 def offline_rollout(row: dict, tokenizer, policy_version: int, template_kwargs: dict | None = None) -> Rollout:

@@ -10,6 +10,8 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
 
+from sdlit.checkpointing import capture_rng_states, plain_values, restore_rng_states
+from sdlit.guard import StepGuard
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
 from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, load_model, load_tokenizer
 from sdlit.objectives import distillation_loss, grpo_loss, group_advantages, token_advantages
@@ -54,6 +56,9 @@ class SelfDistillationModule(LightningModule):
             ``{enable_thinking: false}`` for Qwen3 (the paper: student without thinking).
         teacher_template_kwargs: Extra chat-template arguments of the teacher prompt, e.g.
             ``{enable_thinking: true}`` (the paper: teacher with thinking).
+        max_consecutive_bad_steps: A step whose loss or gradients are NaN/inf is skipped (no weight or EMA
+            update) and counted in ``train/skipped_steps``; after this many in a row training stops with an
+            error, leaving the saved checkpoints intact (0: skip without ever stopping).
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class SelfDistillationModule(LightningModule):
         trust_remote_code: bool = False,
         student_template_kwargs: dict | None = None,
         teacher_template_kwargs: dict | None = None,
+        max_consecutive_bad_steps: int = 3,
     ):
         super().__init__()
         if objective not in ("self_distillation", "grpo", "hybrid"):
@@ -85,12 +91,16 @@ class SelfDistillationModule(LightningModule):
         if not 0.0 <= grpo_weight <= 1.0:
             raise ValueError(f"grpo_weight must lie in [0, 1], got {grpo_weight}")
         self.save_hyperparameters()
+        if isinstance(lora, dict):  # from a checkpoint's plain hyper-parameters (see on_save_checkpoint)
+            lora = LoraSettings(**lora)
         self.lora = lora  # hparams may hold the raw config under LightningCLI; keep the object itself
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.teacher = TeacherWeights(teacher, ema_decay)
         self.model: nn.Module | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.truncations = 0
+        self.guard = StepGuard(max_consecutive_bad_steps)
+        self._rng_to_restore: dict | None = None  # random state of a resumed checkpoint, put back at train start
 
     # ---- model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -247,10 +257,27 @@ class SelfDistillationModule(LightningModule):
         lag = self.global_step - min(r.policy_version for r in rollouts)
         self.log("train/policy_lag", float(lag), batch_size=size)
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer step, then the EMA teacher update."""
-        super().optimizer_step(*args, **kwargs)
-        self.teacher.update(self.model)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the EMA teacher update; both skipped (and counted) when the step's loss
+        or gradients are not finite."""
+        finite = {}
+
+        def guarded_closure():
+            loss = optimizer_closure()
+            # fp16 AMP: the GradScaler skips steps with inf/NaN gradients itself and needs the gradients to see them
+            scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+            ok = self.guard.step_is_finite(loss, self.model, check_grads=not scaled)
+            finite["ok"] = self.trainer.strategy.reduce_boolean_decision(ok, all=True)  # all ranks skip together
+            finite["loss"] = loss
+            if not finite["ok"] and not scaled:
+                optimizer.zero_grad(set_to_none=True)  # the optimizer leaves parameters without gradients alone
+            return loss
+
+        super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
+        self.guard.record(finite.get("ok", True), self.global_step + 1, finite.get("loss"))  # 1-based: this step
+        self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
+        if finite.get("ok", True):
+            self.teacher.update(self.model)
 
     def configure_optimizers(self):
         """AdamW over the trainable weights, with linear warm-up."""
@@ -297,11 +324,24 @@ class SelfDistillationModule(LightningModule):
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only trainable weights (e.g. the LoRA adapter) and the EMA teacher in the checkpoint."""
+        """Keep only trainable weights (e.g. the LoRA adapter), the EMA teacher, the step guard's counters and
+        the random state in the checkpoint."""
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["teacher"] = self.teacher.state_dict()
+        checkpoint["step_guard"] = self.guard.state_dict()
+        checkpoint["rng_states"] = capture_rng_states()
+        if "hyper_parameters" in checkpoint:  # e.g. LoraSettings as a dict: the file loads with weights_only=True
+            checkpoint["hyper_parameters"] = plain_values(checkpoint["hyper_parameters"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the EMA teacher state."""
+        """Restore the EMA teacher state and the guard's counters; keep the random state for train start."""
         self.teacher.load_state_dict(checkpoint.get("teacher", {}))
+        self.guard.load_state_dict(checkpoint.get("step_guard", {}))
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        """A resumed fit continues with the random state of its checkpoint, so it samples the same rollouts."""
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
