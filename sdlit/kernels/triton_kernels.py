@@ -27,6 +27,30 @@ KIND_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
 @triton.jit
+def _add(a, b):
+    """Combine function of a sum reduction."""
+    return a + b
+
+
+@triton.jit
+def _larger(a, b):
+    """Combine function of a max reduction."""
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _sum(x):
+    """Sum of a block (tl.sum, spelled with tl.reduce so it also runs in an interpreter loaded late)."""
+    return tl.reduce(x, 0, _add)
+
+
+@triton.jit
+def _max(x):
+    """Max of a block (tl.max, spelled with tl.reduce, see _sum)."""
+    return tl.reduce(x, 0, _larger)
+
+
+@triton.jit
 def _scaled_block(row_ptr, cols, limit, temperature):
     """One block of a row in fp32, divided by temperature; columns at or past limit read as -inf."""
     x = tl.load(row_ptr + cols, mask=cols < limit, other=float("-inf")).to(tl.float32)
@@ -42,21 +66,21 @@ def _safe_max(m):
 @triton.jit
 def _online_lse(m, z, x):
     """Fold block x into a streaming log-sum-exp kept as (max m, sum z of e^(x - m))."""
-    m_new = tl.maximum(m, tl.max(x, 0))
+    m_new = tl.maximum(m, _max(x))
     m_safe = _safe_max(m_new)
-    z = z * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+    z = z * tl.exp(m - m_safe) + _sum(tl.exp(x - m_safe))
     return m_new, z
 
 
 @triton.jit
 def _online_lse_and_cross(m, z, acc, x, y):
     """Streaming log-sum-exp of x plus acc = sum_v e^(x - m) (x - y) over x's support, both rescaled."""
-    m_new = tl.maximum(m, tl.max(x, 0))
+    m_new = tl.maximum(m, _max(x))
     m_safe = _safe_max(m_new)
     alpha = tl.exp(m - m_safe)
     e = tl.exp(x - m_safe)
-    z = z * alpha + tl.sum(e, 0)
-    acc = acc * alpha + tl.sum(tl.where(e > 0, e * (x - y), 0.0), 0)
+    z = z * alpha + _sum(e)
+    acc = acc * alpha + _sum(tl.where(e > 0, e * (x - y), 0.0))
     return m_new, z, acc
 
 
@@ -114,8 +138,8 @@ def _jsd_terms(s_row, t_row, limit, n_blocks, temperature, lse_s, lse_t, log_bet
         lm = _log_mixture(lp, lq, log_beta, log_one_minus_beta)
         p = tl.exp(lp)
         q = tl.exp(lq)
-        kl_t += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), 0)
-        kl_s += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), 0)
+        kl_t += _sum(tl.where(p > 0, p * (lp - lm), 0.0))
+        kl_s += _sum(tl.where(q > 0, q * (lq - lm), 0.0))
     return kl_t, kl_s
 
 
@@ -159,7 +183,7 @@ def divergence_kernel(
     else:
         keep = row >= 0
     limit = tl.where(keep, V, 0)
-    n_blocks = tl.cdiv(V, BLOCK_V)
+    n_blocks = (V + BLOCK_V - 1) // BLOCK_V
     n_kept = tl.where(keep, n_blocks, 0)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
