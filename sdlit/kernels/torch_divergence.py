@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from sdlit.kernels.inputs import KINDS, check_divergence_args, check_pair, effective_kind, kept_rows, no_autocast
 from sdlit.kernels.inputs import row_chunks
 
-# Rows per chunk are chosen so that chunk_rows * V <= _CHUNK_ELEMENTS (4 MiB per fp32 temporary): small
-# enough that the few chunk temporaries are a small fraction of one [N, V] tensor, and cache friendly.
-_CHUNK_ELEMENTS = 2**20
+# Rows per chunk are chosen so that chunk_rows * V <= _CHUNK_ELEMENTS (8 MiB per fp32 temporary): small
+# enough that the few chunk temporaries are a small fraction of one [N, V] tensor, large enough that the
+# per-chunk overhead (thread pool start-up per op) stays small.
+_CHUNK_ELEMENTS = 2**21
 
 
 def _dot_rows(a, b):
