@@ -27,27 +27,20 @@ KIND_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
 @triton.jit
-def _add(a, b):
-    """Combine function of a sum reduction."""
-    return a + b
-
-
-@triton.jit
-def _larger(a, b):
-    """Combine function of a max reduction."""
-    return tl.maximum(a, b)
-
-
-@triton.jit
 def _sum(x):
-    """Sum of a block (tl.sum, spelled with tl.reduce so it also runs in an interpreter loaded late)."""
-    return tl.reduce(x, 0, _add)
+    """tl.sum(x, 0), spelled as the reduction it stands for.
+
+    tl.sum itself is a jit function of Triton's standard library: when Triton was imported before
+    TRITON_INTERPRET=1 was set (torch._dynamo imports it), the interpreter cannot call it. tl.reduce is a
+    builtin, and the interpreter maps this combine function to numpy's (pairwise) sum.
+    """
+    return tl.reduce(x, 0, tl.standard._sum_combine)
 
 
 @triton.jit
 def _max(x):
-    """Max of a block (tl.max, spelled with tl.reduce, see _sum)."""
-    return tl.reduce(x, 0, _larger)
+    """tl.max(x, 0) spelled with tl.reduce, see _sum."""
+    return tl.reduce(x, 0, tl.standard._elementwise_max)
 
 
 @triton.jit
