@@ -1,24 +1,30 @@
 """Benchmark sdlit.kernels against naive PyTorch: time and peak memory of forward + backward.
 
-    python bench/divergence.py [--n 2048 --v 49152 --h 576 --kind forward_kl --dtype float32 --repeats 5]
+    python bench/divergence.py                         # CPU: N=2048, V=49152, fp32
+    python bench/divergence.py --device cuda           # GPU: N=8192, V in {49152, 151936}, bf16
+    python bench/divergence.py --shapes 512x8192 --kind jsd --dtype bfloat16 --repeats 3
 
-Variants (each forward + backward of loss.sum()):
-- naive_logits: log_softmax of both logits + explicit sum, plain autograd (baseline of per_token).
-- per_token: sdlit.kernels.per_token_divergence on the same logits.
+Variants (each forward + backward of loss.sum(), or loss.mean() with --reduction mean):
+- naive_logits: log_softmax of both logits + explicit sum, plain autograd (baseline of the logit variants).
+- fallback: sdlit.kernels.per_token_divergence(backend="torch") on the same logits (chunked PyTorch).
+- triton: per_token_divergence(backend="triton") (CUDA only).
 - naive_hidden: student logits = hidden @ W.T (with grad), teacher logits under no_grad, naive loss
   (baseline of fused_linear).
-- fused_linear: sdlit.kernels.fused_linear_divergence from the hidden states and W.
+- fused_linear: sdlit.kernels.fused_linear_divergence from the hidden states and W, default backend
+  (Triton on CUDA, the PyTorch fallback on CPU).
+On CUDA the logit variants also print the achieved bandwidth, counting 3 x N x V x itemsize bytes (read
+both logits, write the gradient once) per forward + backward, against the H100's 3.35 TB/s.
 
-Memory: tracemalloc does not see torch's CPU allocations, so each variant runs in a fresh subprocess
-that builds its inputs (in place, so no transient above them), reads its resident set size (VmRSS in
-/proc/self/status), runs one forward + backward and reads the peak (VmHWM; not getrusage's ru_maxrss,
-which a child inherits from its parent across fork + exec and so reports the parent's peak).
+Memory: tracemalloc does not see torch's CPU allocations, so on CPU each variant runs in a fresh
+subprocess that builds its inputs (in place, so no transient above them), reads its resident set size
+(VmRSS in /proc/self/status), runs one forward + backward and reads the peak (VmHWM; not getrusage's
+ru_maxrss, which a child inherits from its parent across fork + exec and so reports the parent's peak).
 The delta is the extra peak memory of one step beyond its inputs, as the OS saw it. The subprocess
 runs with MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_ARENA_MAX=1 so that glibc maps every tensor above
 64 KiB on its own and unmaps it when freed: resident memory then tracks the live tensors. (Without this,
 freed blocks stay in glibc's per-thread heaps and the numbers vary by hundreds of MiB between runs;
 torch.profiler's memory events missed most autograd-time allocations here.)
-On a CUDA device, torch.cuda.max_memory_allocated is used instead (exact allocator peak).
+On a CUDA device, torch.cuda.max_memory_allocated is used instead (exact allocator peak), in this process.
 """
 
 import argparse
@@ -35,9 +41,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from sdlit.kernels import fused_linear_divergence, per_token_divergence  # noqa: E402
+from sdlit.kernels.dispatch import resolve_backend  # noqa: E402
 
-VARIANTS = ("naive_logits", "per_token", "naive_hidden", "fused_linear")
-BASELINE = {"per_token": "naive_logits", "fused_linear": "naive_hidden"}
+LOGIT_VARIANTS = ("naive_logits", "fallback", "triton")
+HIDDEN_VARIANTS = ("naive_hidden", "fused_linear")
+BASELINE = {"fallback": "naive_logits", "triton": "naive_logits", "fused_linear": "naive_hidden"}
+H100_BANDWIDTH = 3.35e12  # bytes per second (H100 SXM HBM3)
+CPU_SHAPES = "2048x49152"
+CUDA_SHAPES = "8192x49152,8192x151936"
 
 
 def naive_loss(student_logits, teacher_logits, kind, temperature=1.0):
@@ -71,15 +82,19 @@ def make_inputs(variant, args):
     """Inputs of one variant: a closure that runs forward + backward once."""
     g = torch.Generator().manual_seed(0)
     dtype, device = getattr(torch, args.dtype), args.device
-    if variant in ("naive_logits", "per_token"):
+    reduce = torch.sum if args.reduction == "sum" else torch.mean
+    if variant in LOGIT_VARIANTS:
         s = _randn((args.n, args.v), 2.0, g, dtype, device).requires_grad_(True)
         t = _randn((args.n, args.v), 2.0, g, dtype, device)
-        fn = naive_loss if variant == "naive_logits" else None
+        backend = "torch" if variant == "fallback" else "triton"
 
         def step():
             s.grad = None
-            loss = naive_loss(s, t, args.kind) if fn else per_token_divergence(s, t, kind=args.kind)
-            loss.sum().backward()
+            if variant == "naive_logits":
+                loss = naive_loss(s, t, args.kind)
+            else:
+                loss = per_token_divergence(s, t, kind=args.kind, backend=backend)
+            reduce(loss).backward()
 
         return step
     hs = _randn((args.n, args.h), 1.0, g, dtype, device).requires_grad_(True)
@@ -94,13 +109,13 @@ def make_inputs(variant, args):
             loss = naive_loss(hs @ w.T, t_logits, args.kind)
         else:
             loss = fused_linear_divergence(hs, ht, w, kind=args.kind)
-        loss.sum().backward()
+        reduce(loss).backward()
 
     return step
 
 
 def measure_memory(variant, args):
-    """Run one step in this process and return the extra peak memory in MiB (see module docstring)."""
+    """Run one step and return the extra peak memory in MiB (see module docstring)."""
     tiny = argparse.Namespace(**{**vars(args), "n": 4, "v": 64, "h": 8})
     make_inputs(variant, tiny)()  # load kernels and thread pools first, so they are not counted
     step = make_inputs(variant, args)
@@ -110,7 +125,10 @@ def measure_memory(variant, args):
         before = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        del step
+        torch.cuda.empty_cache()
+        return peak
     before = _proc_status_kib("VmRSS")
     step()
     return (_proc_status_kib("VmHWM") - before) / 1024
@@ -135,51 +153,93 @@ def measure_time(variant, args):
     return min(times)
 
 
-def memory_in_subprocess(variant, argv):
-    """Peak-memory delta of `variant` measured in a fresh Python process."""
-    cmd = [sys.executable, __file__, *argv, "--_memory-only", variant]
+def memory_in_subprocess(variant, shape, argv):
+    """Peak-memory delta of `variant` at `shape` measured in a fresh Python process (CPU)."""
+    cmd = [sys.executable, __file__, *argv, "--shapes", shape, "--_memory-only", variant]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["mib"]
 
 
 def parse_args(argv):
-    """Command line: shape, kind, dtype, device, repeats."""
+    """Command line: shapes, kind, dtype, device, repeats, reduction."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=2048, help="rows (tokens)")
-    p.add_argument("--v", type=int, default=49152, help="vocabulary size")
+    p.add_argument("--shapes", default=None, help=f"NxV,... (default {CPU_SHAPES} on CPU, {CUDA_SHAPES} on CUDA)")
     p.add_argument("--h", type=int, default=576, help="hidden size (fused_linear only)")
     p.add_argument("--kind", default="forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="default float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--reduction", default="sum", choices=("sum", "mean"), help="loss.sum() or loss.mean()")
     p.add_argument("--_memory-only", dest="memory_only", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.shapes = args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES)
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    return args
+
+
+def _shape_args(args, shape):
+    """A copy of args with n and v of one 'NxV' shape."""
+    n, v = (int(x) for x in shape.lower().split("x"))
+    return argparse.Namespace(**{**vars(args), "n": n, "v": v})
+
+
+def bench_shape(args, shape, argv):
+    """Time and memory of every variant at one shape; prints one table."""
+    cuda = args.device.startswith("cuda")
+    shaped = _shape_args(args, shape)
+    variants = [v for v in LOGIT_VARIANTS if cuda or v != "triton"] + list(HIDDEN_VARIANTS)
+    results = {}
+    for variant in variants:
+        sec = measure_time(variant, shaped)
+        mib = measure_memory(variant, shaped) if cuda else memory_in_subprocess(variant, shape, argv)
+        results[variant] = (sec, mib)
+    print(f"\nN={shaped.n} V={shaped.v} H={args.h} kind={args.kind} dtype={args.dtype} loss.{args.reduction}()")
+    header = f"{'variant':<14}{'fwd+bwd ms':>12}{'peak extra MiB':>16}{'time ratio':>12}{'mem ratio':>11}"
+    print(header + (f"{'TB/s':>8}{'of 3.35':>9}" if cuda else ""))
+    item = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    for variant, (sec, mib) in results.items():
+        base = BASELINE.get(variant, variant)
+        t_ratio = f"{sec / results[base][0]:.2f}x"
+        m_ratio = f"{mib / max(results[base][1], 1e-9):.2f}x"
+        line = f"{variant:<14}{sec * 1e3:>12.2f}{mib:>16.1f}{t_ratio:>12}{m_ratio:>11}"
+        if cuda and variant in LOGIT_VARIANTS:
+            rate = 3 * shaped.n * shaped.v * item / sec
+            line += f"{rate / 1e12:>8.2f}{rate / H100_BANDWIDTH:>9.0%}"
+        print(line)
 
 
 def main(argv=None):
-    """Print time and peak memory of every variant and the ratios to its naive baseline."""
+    """Print time and peak memory of every variant and the ratios to its naive baseline, per shape."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.memory_only:
-        print(json.dumps({"mib": measure_memory(args.memory_only, args)}))
+        print(json.dumps({"mib": measure_memory(args.memory_only, _shape_args(args, args.shapes))}))
         return
-    threads = torch.get_num_threads()
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    cuda = args.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     print(
-        f"shape N={args.n} V={args.v} H={args.h} kind={args.kind} dtype={args.dtype} "
-        f"device={args.device} ({device_name}, {threads} threads) torch={torch.__version__}"
+        f"device={args.device} ({device_name}, {torch.get_num_threads()} threads) torch={torch.__version__} "
+        f"kernel backend on this device: {resolve_backend('auto', torch.empty(0, device=args.device))}"
     )
-    results = {}
-    for variant in VARIANTS:
-        results[variant] = (measure_time(variant, args), memory_in_subprocess(variant, argv))
-    print(f"{'variant':<14}{'fwd+bwd ms':>12}{'peak extra MiB':>16}{'time ratio':>12}{'mem ratio':>11}")
-    for variant, (sec, mib) in results.items():
-        base = BASELINE.get(variant)
-        t_ratio = f"{sec / results[base][0]:.2f}x" if base else "1.00x"
-        m_ratio = f"{mib / max(results[base][1], 1e-9):.2f}x" if base else "1.00x"
-        print(f"{variant:<14}{sec * 1e3:>12.1f}{mib:>16.1f}{t_ratio:>12}{m_ratio:>11}")
-    print("ratios: per_token vs naive_logits, fused_linear vs naive_hidden (lower is better)")
+    for shape in args.shapes.split(","):
+        bench_shape(args, shape, _drop_option(argv, "--shapes"))
+    print("ratios: fallback and triton vs naive_logits, fused_linear vs naive_hidden (lower is better)")
+
+
+def _drop_option(argv, name):
+    """argv without `name VALUE` / `name=VALUE` (the subprocess gets its own --shapes)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

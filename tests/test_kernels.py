@@ -268,3 +268,25 @@ def test_inputs_are_not_modified():
         per_token_divergence(s, t, kind=kind, temperature=0.5)
         per_token_divergence(s, t, torch.tensor([1, 0, 1, 1, 0, 1]).bool(), kind=kind, temperature=0.5)
     assert torch.equal(s, s0) and torch.equal(t, t0)
+
+
+def test_backend_setting_without_triton(monkeypatch):
+    from sdlit.kernels import dispatch
+
+    s, t = _logits(3, 10), _logits(3, 10, seed=1)
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    assert dispatch.resolve_backend("auto", s) == "torch"  # CPU tensors: the fallback
+    _assert_close(per_token_divergence(s, t, backend="torch"), per_token_divergence(s, t))
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
+    assert dispatch.resolve_backend("auto", s) == "torch"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match="SDLIT_KERNEL_BACKEND='fast'"):
+        per_token_divergence(s, t)
+    monkeypatch.delenv(dispatch.BACKEND_ENV)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_linear_divergence(s, t, torch.randn(5, 10), backend="cuda")
+    monkeypatch.setattr(dispatch, "_triton_importable", lambda: False)
+    assert dispatch.resolve_backend("auto", s) == "torch"
+    with pytest.raises(RuntimeError, match="pip install triton"):
+        per_token_divergence(s, t, backend="triton")
+

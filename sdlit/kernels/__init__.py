@@ -1,9 +1,12 @@
-"""Fused per-token teacher/student divergences (plain PyTorch implementation; Triton comes later).
+"""Fused per-token teacher/student divergences: Triton kernels, a chunked PyTorch fallback, and dispatch.
 
-Public API: `per_token_divergence`, `fused_linear_divergence`, `KINDS`. A later `dispatch` module can pick
-a Triton kernel per device and fall back to `torch_divergence`; callers only import from here.
+Public API: `per_token_divergence`, `fused_linear_divergence` (both with backend="auto" | "triton" |
+"torch", see `dispatch`), `KINDS`. Callers only import from here; `triton_divergence` is imported lazily,
+only when the Triton backend is used.
 """
 
-from sdlit.kernels.torch_divergence import KINDS, fused_linear_divergence, per_token_divergence
+from sdlit.kernels import torch_divergence
+from sdlit.kernels.dispatch import BACKENDS, fused_linear_divergence, per_token_divergence
+from sdlit.kernels.inputs import KINDS
 
-__all__ = ["KINDS", "fused_linear_divergence", "per_token_divergence"]
+__all__ = ["BACKENDS", "KINDS", "fused_linear_divergence", "per_token_divergence", "torch_divergence"]
