@@ -91,6 +91,7 @@ class SelfDistillationModule(LightningModule):
         self.model: nn.Module | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.truncations = 0
+        self.last_token_logprobs: dict[str, torch.Tensor] | None = None  # [B, R] teacher/student/mask of the last step
 
     # ---- model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -224,9 +225,11 @@ class SelfDistillationModule(LightningModule):
 
     @torch.no_grad()
     def _log_advantages(self, student_logits, teacher_logits, batch: ScoringBatch, mask: torch.Tensor) -> None:
-        advantages = token_advantages(
-            token_logprobs(teacher_logits, batch.response_ids), token_logprobs(student_logits, batch.response_ids)
-        )
+        teacher = token_logprobs(teacher_logits, batch.response_ids)
+        student = token_logprobs(student_logits, batch.response_ids)
+        # kept for callbacks (TokenAdvantageLogger) so that they need no forward pass of their own
+        self.last_token_logprobs = {"teacher": teacher, "student": student, "mask": mask.detach()}
+        advantages = token_advantages(teacher, student)
         count = mask.sum().clamp(min=1)
         self.log("train/abs_advantage", (advantages.abs() * mask).sum() / count, batch_size=int(count))
         self.log("train/advantage", (advantages * mask).sum() / count, batch_size=int(count))
