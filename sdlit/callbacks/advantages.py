@@ -59,15 +59,20 @@ class TokenAdvantageLogger(Callback):
         self.critic = critic
         self.saved = (-1, 0)  # (global step, records saved at it)
         self.unmapped = 0  # rollouts whose first error names no step of theirs (left out, counted)
+        self.step = 0  # global step of the batch being trained
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Resolve the records file in the run directory."""
         if self.path is None:
             self.path = Path(trainer.log_dir or trainer.default_root_dir) / "token_advantages.jsonl"
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Note the global step the batch trains (it has moved on by the end of the batch)."""
+        self.step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Region statistics of this batch's A_t, and a few records."""
-        step = trainer.global_step
+        step = self.step
         if step % self.every_n_steps:
             return
         logprobs = getattr(pl_module, "last_token_logprobs", None)
