@@ -246,6 +246,11 @@ def test_sdlit_analyze_from_a_model_then_from_its_records(tmp_path, tiny_model_d
     main(["analyze", "--records", str(out / "records.jsonl"), "--output_dir", str(again)])
     assert (again / "regions.csv").read_text() == (out / "regions.csv").read_text()
     assert len(list(again.glob("*.png"))) == 2
+    # only wrong answers: the given (right) answer is skipped, the sampled one kept
+    main(["analyze", "--model", tiny_model_dir, "--problems", str(problems), "--only_wrong", "true",
+          "--max_new_tokens", "12", "--output_dir", str(tmp_path / "wrong")])
+    kept = read_records(tmp_path / "wrong" / "records.jsonl")
+    assert {r.problem_id for r in kept} == {"problems/1"} and all(r.correct is False for r in kept)
 
 
 def test_analyze_help_and_bad_arguments(capsys, tmp_path):

@@ -14,10 +14,11 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 import torch
 from jsonargparse import lazy_instance
+from lightning.pytorch import seed_everything
 
 from sdlit.analysis.records import TokenRecord, read_records, token_texts, write_records
 from sdlit.analysis.report import AnalysisOutputs, write_outputs
@@ -31,7 +32,7 @@ from sdlit.tasks.base import DataError, Problem, Task
 from sdlit.tasks.gsm8k import parse_row
 from sdlit.tasks.rows import file_rows
 
-__all__ = ["analyze", "score_contexts"]
+__all__ = ["analyze", "load_scorer", "score_contexts", "score_rollouts"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def analyze(
     problems: str | None = None,
     count: int = 1,
     only_first_error: bool = False,
+    only_wrong: bool = False,
     contexts: list[Feedback] | None = None,
     critic: Critic = lazy_instance(ArithmeticStepCritic),
     temperature: float = 0.0,
@@ -72,6 +74,7 @@ def analyze(
             format, last line ``#### <number>``), optional ``response`` (a given rollout; else one is sampled).
         count: Number of rollouts to analyse (problems are tried in order).
         only_first_error: Keep only rollouts in which the critic finds a wrong step (skip the others).
+        only_wrong: Keep only rollouts whose final answer is wrong (skip the others).
         contexts: Feedback callbacks whose teacher contexts are compared on the same rollout (default:
             ``ReferenceSolution`` and ``StepCritique``).
         critic: Locates the first wrong step of each rollout (the dashed line and the regions).
@@ -91,11 +94,18 @@ def analyze(
     contexts = contexts if contexts is not None else [ReferenceSolution(), StepCritique()]
     if not contexts:
         raise ValueError("sdlit analyze: --contexts is empty; give at least one feedback callback")
+    pairs = _problems(task, split, indices, problems)
+    seed_everything(seed, verbose=False)
+    module = load_scorer(model, dtype, device)
+
+    def keep(rollout: Rollout) -> bool:
+        wrong_step = rollout.feedback["first_error"] is not None
+        return (wrong_step or not only_first_error) and (not rollout.correct or not only_wrong)
+
     grade = task.is_correct if task is not None else is_correct
-    scored = score_problems(
-        model, _problems(task, split, indices, problems), grade, count, only_first_error, contexts, critic,
-        temperature, max_new_tokens, batch_size, seed, dtype, device,
-    )
+    batches = (pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size))
+    rollouts = (r for batch in batches for r in _rollouts(module, batch, temperature, max_new_tokens))
+    scored = score_rollouts(module, rollouts, grade, critic, contexts, keep, count)
     write_records(scored, Path(output_dir) / "records.jsonl")
     return write_outputs(scored, output_dir)
 
@@ -124,37 +134,38 @@ def _problems(task, split, indices, path) -> list[tuple[Problem, str | None]]:
     return [(pool[i], None) for i in indices]
 
 
-def score_problems(model_name, pairs, grade, count, only_first_error, contexts, critic, temperature,
-                   max_new_tokens, batch_size, seed, dtype, device) -> list[TokenRecord]:
-    """Rollouts for the problems, in order, until ``count`` are kept; each graded by ``grade(response, gold)``
-    and scored under every context (the settings are those of :func:`analyze`)."""
-    from lightning.pytorch import seed_everything
-
+def load_scorer(model: str, dtype: str | None = None, device: str | None = None):
+    """The model as a :class:`SelfDistillationModule` (no adapter: teacher and student share the weights), in
+    eval mode on ``device`` (default CUDA when available): its ``teacher_batch`` builds training's teacher prompts."""
     from sdlit.module import SelfDistillationModule
 
-    seed_everything(seed, verbose=False)
-    module = SelfDistillationModule(model=model_name, lora=None, teacher="current", dtype=dtype)
+    module = SelfDistillationModule(model=model, lora=None, teacher="current", dtype=dtype)
     module.configure_model()
-    module.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return module.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+
+
+def score_rollouts(module, rollouts: Iterable[Rollout], grade, critic: Critic, contexts: list[Feedback], keep,
+                   count: int) -> list[TokenRecord]:
+    """Grade (``grade(response, gold)``) and critique rollouts in order; score the first ``count`` for which
+    ``keep(rollout)`` holds under every context; return their records."""
     records: list[TokenRecord] = []
     kept = 0
-    for start in range(0, len(pairs), batch_size):
-        for rollout in _rollouts(module, pairs[start : start + batch_size], temperature, max_new_tokens):
-            rollout.correct = grade(rollout.response, rollout.problem.answer)
-            critique = critic.critique(rollout.problem.question, rollout.problem.solution, rollout.response)
-            if only_first_error and critique.first_error is None:
-                log.info("skipping %s: the critic finds no wrong step (%s)", rollout.problem.id, critique.case)
-                continue
-            rollout.feedback.update(case=critique.case, first_error=critique.first_error)
-            records += score_contexts(module, rollout, contexts)
-            kept += 1
-            if kept == count:
-                return records
+    for rollout in rollouts:
+        rollout.correct = grade(rollout.response, rollout.problem.answer)
+        critique = critic.critique(rollout.problem.question, rollout.problem.solution, rollout.response)
+        rollout.feedback.update(case=critique.case, first_error=critique.first_error)
+        if not keep(rollout):
+            log.info("skipping %s (answer right: %s, critic: %s)", rollout.problem.id, rollout.correct, critique.case)
+            continue
+        records += score_contexts(module, rollout, contexts)
+        kept += 1
+        if kept == count:
+            return records
     if kept < count:
         log.warning("sdlit analyze: only %d of the %d rollouts asked for were kept", kept, count)
     if not records:
-        raise ValueError("sdlit analyze: no rollout to analyse (all skipped: try more problems or "
-                         "only_first_error false)")
+        raise ValueError("sdlit analyze: no rollout to analyse (all skipped: try more problems, or "
+                         "only_first_error / only_wrong false)")
     return records
 
 

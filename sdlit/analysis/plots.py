@@ -45,7 +45,7 @@ def _panel(ax, record: TokenRecord, limit: float) -> None:
         ax.axvspan(span[0] - 0.5, span[1] - 0.5, color="#fdae61", alpha=0.2, linewidth=0, zorder=0)
         ax.axvline(span[0] - 0.5, color="black", linestyle="--", linewidth=1.0,
                    label=f"first error (step {record.first_error + 1})")
-        ax.legend(loc="lower left", fontsize=8, frameon=False)
+        ax.legend(loc="best", fontsize=8, framealpha=0.8)
     ax.set_ylim(-1.05 * limit, 1.05 * limit)
     ax.set_xlim(-0.5, max(1, len(record.advantages)) - 0.5)
     ax.set_ylabel("A_t")
