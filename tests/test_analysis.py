@@ -262,3 +262,13 @@ def test_analyze_help_and_bad_arguments(capsys, tmp_path):
         main(["analyze", "--output_dir", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="no file"):
         main(["analyze", "--records", str(tmp_path / "missing.jsonl")])
+
+
+@pytest.mark.slow
+def test_analyze_on_the_packaged_model(tmp_path):
+    out = tmp_path / "smol"
+    main(["analyze", "--model", "smollm2-135m-instruct", "--task", "GSM8K", "--indices", "[0]",
+          "--max_new_tokens", "48", "--output_dir", str(out)])
+    records = read_records(out / "records.jsonl")
+    assert [r.condition for r in records] == ["ReferenceSolution", "StepCritique"]
+    assert (out / "00_gsm8k-test-0_step0.png").read_bytes()[:4] == b"\x89PNG" and (out / "tokens.html").stat().st_size
