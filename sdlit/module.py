@@ -91,7 +91,6 @@ class SelfDistillationModule(LightningModule):
         self.model: nn.Module | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.truncations = 0
-        self.last_token_logprobs: dict[str, torch.Tensor] | None = None  # [B, R] teacher/student/mask of the last step
 
     # ---- model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -222,6 +221,10 @@ class SelfDistillationModule(LightningModule):
             w = self.hparams.grpo_weight
             return (1.0 - w) * losses["distill"] + w * losses["grpo"]
         return next(iter(losses.values()))
+
+    # [B, R] teacher and student log-probs of the response tokens and the distillation mask of the last training
+    # step, set by _log_advantages for callbacks (TokenAdvantageLogger); None until a step with a teacher pass
+    last_token_logprobs: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
     def _log_advantages(self, student_logits, teacher_logits, batch: ScoringBatch, mask: torch.Tensor) -> None:
