@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 import yaml
+from conftest import build_tokenizer
 from test_fit import write_config
 
 from sdlit.analysis import RegionStats, read_records
 from sdlit.callbacks import TokenAdvantageLogger
 from sdlit.cli import main, run_cli
 from sdlit.critics import ArithmeticStepCritic
+from sdlit.rollout import Rollout
+from sdlit.tasks.base import Problem
 
 
 def fit_with_logger(tmp_path, model_dir, feedback, **logger_args):
@@ -68,3 +72,34 @@ def test_fragment_adds_the_logger(tmp_path):
     assert entry["class_path"] == "sdlit.callbacks.TokenAdvantageLogger"
     with pytest.raises(ValueError, match="every_n_steps must be at least 1"):
         TokenAdvantageLogger(every_n_steps=0)
+
+
+def test_non_finite_advantages_are_left_out_and_counted(tmp_path):
+    """A step whose log-probs hold NaN (the step guard skips it) leaves the records readable."""
+    class Stub:  # what the callback reads of the trainer and module
+        global_step, world_size, is_global_zero, callbacks = 0, 1, True, []
+        log_dir, default_root_dir = None, str(tmp_path)
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.logged = {}
+
+        def log(self, name, value, **kwargs):
+            self.logged[name] = value
+
+    stub = Stub()
+    stub.tokenizer = build_tokenizer()
+    ids = stub.tokenizer("Step 1: 2 + 2 = 4\nAnswer: 4", add_special_tokens=False)["input_ids"]
+    rollouts = [Rollout(Problem("q", "2 + 2 = 4\n#### 4", "4", f"p/{i}"), [1], ids, "Step 1: 2 + 2 = 4\nAnswer: 4")
+                for i in range(2)]
+    teacher = torch.zeros(2, len(ids))
+    teacher[1, 3] = float("nan")
+    stub.last_token_logprobs = {"teacher": teacher, "student": torch.full((2, len(ids)), -1.0),
+                                "mask": torch.ones(2, len(ids), dtype=torch.bool)}
+    callback = TokenAdvantageLogger(max_records_per_step=4)
+    callback.setup(stub, stub, "fit")
+    callback.on_train_batch_start(stub, stub, rollouts, 0)
+    callback.on_train_batch_end(stub, stub, None, rollouts, 0)
+    assert stub.logged["advantage/skipped_rollouts"] == 1.0
+    assert stub.logged["advantage/all_mean"] == pytest.approx(1.0)
+    assert [r.problem_id for r in read_records(tmp_path / "token_advantages.jsonl")] == ["p/0"]

@@ -31,7 +31,8 @@ class TokenAdvantageLogger(Callback):
     ``before``, ``at`` and ``after`` it; a rollout without one is the region ``all``. Logged per region:
     ``advantage/<region>_mean`` (mean A_t), ``advantage/<region>_abs`` (mean |A_t|) and
     ``advantage/<region>_neg_frac`` (fraction of tokens with A_t < 0), pooled over the step's tokens of
-    every process. Rollouts without a teacher context have no A_t and are left out.
+    every process. Rollouts without a teacher context have no A_t and are left out; so are rollouts whose A_t is
+    not finite or whose first error names none of their steps (counted in ``advantage/skipped_rollouts``).
 
     Args:
         every_n_steps: Log (and save records) at every n-th training step.
@@ -58,7 +59,7 @@ class TokenAdvantageLogger(Callback):
         self.path = Path(path) if path else None
         self.critic = critic
         self.saved = (-1, 0)  # (global step, records saved at it)
-        self.unmapped = 0  # rollouts whose first error names no step of theirs (left out, counted)
+        self.skipped = 0  # rollouts left out: non-finite A_t, or a first error that names none of their steps
         self.step = 0  # global step of the batch being trained
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -89,10 +90,13 @@ class TokenAdvantageLogger(Callback):
             values = advantages[row, : len(rollout.response_ids)]
             spans, first_error = self._steps(rollout, pl_module.tokenizer)
             try:
+                if not torch.isfinite(values).all():
+                    raise ValueError("its A_t is not finite (NaN/inf log-probs)")
                 stats.add(values, spans, first_error)
             except ValueError as err:
-                self.unmapped += 1
-                log.warning("TokenAdvantageLogger: rollout of %s left out: %s", rollout.problem.id, err)
+                self.skipped += 1
+                log.warning("TokenAdvantageLogger: rollout of %s left out (%d so far): %s",
+                            rollout.problem.id, self.skipped, err)
                 continue
             if already + len(records) < self.max_records_per_step:
                 records.append(self._record(rollout, values, spans, first_error, step, trainer, pl_module))
@@ -132,7 +136,7 @@ class TokenAdvantageLogger(Callback):
         for region, values in pooled.summary().items():
             for name, key in (("mean", "mean"), ("abs", "mean_abs"), ("neg_frac", "neg_frac")):
                 pl_module.log(f"advantage/{region}_{name}", values[key], batch_size=batch_size, rank_zero_only=True)
-        pl_module.log("advantage/unmapped", float(self.unmapped), batch_size=batch_size, rank_zero_only=True)
+        pl_module.log("advantage/skipped_rollouts", float(self.skipped), batch_size=batch_size, rank_zero_only=True)
 
 
 def _condition(trainer, rollout: Rollout) -> str:
