@@ -1,6 +1,9 @@
-"""The ``sdlit`` command: ``sdlit fit|validate|test`` through LightningCLI, configured by YAML."""
+"""The ``sdlit`` command: ``sdlit fit|validate|test`` through LightningCLI, configured by YAML, and
+``sdlit analyze`` (per-token advantage figures and tables, :mod:`sdlit.analysis.analyze`)."""
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -56,7 +59,16 @@ def run_cli(args: list[str] | None = None) -> SdlitCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``sdlit`` script; ``args`` replaces ``sys.argv[1:]``."""
+    """Entry point of the ``sdlit`` script; ``args`` replaces ``sys.argv[1:]``.
+
+    ``sdlit analyze ...`` runs the advantage analysis; anything else goes to LightningCLI.
+    """
+    args = sys.argv[1:] if args is None else list(args)
+    if args and args[0] == "analyze":
+        from sdlit.analysis.analyze import analyze_cli
+
+        analyze_cli(args[1:])
+        return
     run_cli(args)
 
 

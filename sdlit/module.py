@@ -232,11 +232,17 @@ class SelfDistillationModule(LightningModule):
             return (1.0 - w) * losses["distill"] + w * losses["grpo"]
         return next(iter(losses.values()))
 
+    # [B, R] teacher and student log-probs of the response tokens and the distillation mask of the last training
+    # step, set by _log_advantages for callbacks (TokenAdvantageLogger); None until a step with a teacher pass
+    last_token_logprobs: dict[str, torch.Tensor] | None = None
+
     @torch.no_grad()
     def _log_advantages(self, student_logits, teacher_logits, batch: ScoringBatch, mask: torch.Tensor) -> None:
-        advantages = token_advantages(
-            token_logprobs(teacher_logits, batch.response_ids), token_logprobs(student_logits, batch.response_ids)
-        )
+        teacher = token_logprobs(teacher_logits, batch.response_ids)
+        student = token_logprobs(student_logits, batch.response_ids)
+        # kept for callbacks (TokenAdvantageLogger) so that they need no forward pass of their own
+        self.last_token_logprobs = {"teacher": teacher, "student": student, "mask": mask.detach()}
+        advantages = token_advantages(teacher, student)
         count = mask.sum().clamp(min=1)
         self.log("train/abs_advantage", (advantages.abs() * mask).sum() / count, batch_size=int(count))
         self.log("train/advantage", (advantages * mask).sum() / count, batch_size=int(count))

@@ -7,6 +7,7 @@ version (global step) that produced it. Feedback callbacks fill in ``reward``, `
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sdlit.prompts import student_prompt_ids
+from sdlit.steps import split_steps, step_token_spans, token_char_ends
 from sdlit.tasks.base import Problem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +38,8 @@ class Rollout:
         context_header: The line introducing ``context`` in the teacher prompt.
         feedback: Free-form annotations of feedback callbacks (critique case, first error, ...).
         logprobs: Per-token log-probs under the sampling policy, when known (offline data).
+        step_spans: Token span ``[start, end)`` in ``response_ids`` of each step of ``split_steps(response)``
+            (see :func:`tag_step_spans`); None until tagged.
     """
 
     problem: Problem
@@ -48,6 +54,7 @@ class Rollout:
     context_header: str = "Feedback:"
     feedback: dict[str, Any] = field(default_factory=dict)
     logprobs: list[float] | None = None
+    step_spans: list[tuple[int, int]] | None = None
 
 
 @torch.no_grad()
@@ -108,7 +115,7 @@ def sample_rollouts(
     prompts = [student_prompt_ids(tokenizer, p.question, **(template_kwargs or {})) for p in problems]
     responses = sample_responses(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return [
+    rollouts = [
         Rollout(
             problem=problems[i // n],
             prompt_ids=prompts[i // n],
@@ -119,6 +126,20 @@ def sample_rollouts(
         )
         for i, (ids, text) in enumerate(zip(responses, texts))
     ]
+    for rollout in rollouts:
+        tag_step_spans(rollout, tokenizer)
+    return rollouts
+
+
+def tag_step_spans(rollout: Rollout, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
+    """Record (and return) the token span of every step of the rollout, mapped from the steps' character
+    spans through the decoded ``response_ids`` (the ids are never re-tokenized)."""
+    text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
+    if text != rollout.response:  # e.g. offline text that does not decode back verbatim: steps of the ids' text
+        log.debug("rollout of %s: response text differs from its decoded ids; steps follow the ids", rollout.problem.id)
+    ends = token_char_ends(tokenizer, rollout.response_ids, text)
+    rollout.step_spans = step_token_spans(split_steps(text), ends)
+    return rollout.step_spans
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"):

@@ -79,8 +79,9 @@ def response_logits(model: PreTrainedModel, batch: ScoringBatch) -> torch.Tensor
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability (fp32) of each given token under ``logits / temperature``: ``[B, R]``."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    # gather minus logsumexp: the same value as log_softmax(...).gather(...) without a [B, R, V] output
+    return scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:

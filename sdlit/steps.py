@@ -6,11 +6,12 @@ point at the step where it went wrong. split_steps() recovers those steps with t
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["STEP_FORMAT_INSTRUCTION", "Step", "has_step_tags", "split_steps"]
+__all__ = ["STEP_FORMAT_INSTRUCTION", "Step", "has_step_tags", "split_steps", "step_token_spans", "token_char_ends"]
 
 STEP_FORMAT_INSTRUCTION = (
     'Solve the problem step by step. Write each step on its own line as "Step 1: ...", "Step 2: ...", '
@@ -106,3 +107,48 @@ def split_steps(response: str) -> list[Step]:
             open_step[2] = end
     close()
     return steps
+
+
+# ---- token spans of steps --------------------------------------------------------------------------
+_WINDOW = 8  # tokens decoded together to find where one token ends in the text (context for merges)
+
+
+def token_char_ends(tokenizer, ids: list[int], text: str) -> list[int]:
+    """For each token of ``ids``, the end (in characters) of the text it completes in ``text``.
+
+    ``text`` is ``tokenizer.decode(ids, skip_special_tokens=True)``: token ``i`` covers
+    ``text[ends[i - 1]:ends[i]]``; special tokens and bytes of a character that is not complete yet cover
+    nothing. Each end comes from decoding a short window of tokens before it, checked against ``text``;
+    where that check fails (partial characters, decoders that strip a leading space) the whole prefix is
+    decoded instead, so the result is exact for any tokenizer. Never re-tokenizes ``text``.
+    """
+    windows = [ids[max(0, i - _WINDOW) : i + 1] for i in range(len(ids))]
+    chunks = tokenizer.batch_decode(windows, skip_special_tokens=True)
+    ends: list[int] = []
+    for i, chunk in enumerate(chunks):
+        low = max(0, i - _WINDOW)
+        start = ends[low - 1] if low else 0
+        previous = ends[-1] if ends else 0
+        if "\ufffd" not in chunk and text.startswith(chunk, start) and start + len(chunk) >= previous:
+            ends.append(start + len(chunk))
+            continue
+        prefix = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+        ends.append(max(previous, len(prefix)) if text.startswith(prefix) else previous)
+    return ends
+
+
+def step_token_spans(steps: list[Step], char_ends: list[int]) -> list[tuple[int, int]]:
+    """Token span ``[start, end)`` of each step: the tokens whose text overlaps ``response[step.start:step.end]``.
+
+    Spans do not overlap: a token shared by two steps (e.g. one holding a step's last character and the
+    next step's first) belongs to the earlier one. ``char_ends`` comes from :func:`token_char_ends`.
+    """
+    spans: list[tuple[int, int]] = []
+    previous_end = 0
+    for step in steps:
+        start = max(bisect.bisect_right(char_ends, step.start), previous_end)
+        stop = min(bisect.bisect_left(char_ends, step.end) + 1, len(char_ends))
+        stop = max(stop, start)
+        spans.append((start, stop))
+        previous_end = stop
+    return spans
