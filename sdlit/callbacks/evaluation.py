@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from sdlit.metrics import majority_answer
 
 log = logging.getLogger(__name__)
 
-SAMPLE_COLUMNS = ("step", "problem", "sample", "question", "gold", "response", "extracted", "correct")
+SAMPLE_COLUMNS = ("step", "problem", "sample", "question", "gold", "response", "extracted", "correct", "tokens")
 
 # callback argument -> the datamodule attribute it overrides
 _DATAMODULE_SETTINGS = {
@@ -42,7 +43,7 @@ class AvgAtKEvaluation(Callback):
     Settings left ``null`` keep the datamodule's (``data.eval_k``, ``data.eval_temperature``, ...); settings given
     here win and are written onto the datamodule at setup, so validation, ``sdlit validate`` and ``sdlit test``
     with this config all use them. ``every_n_steps`` replaces ``trainer.val_check_interval`` (it counts optimizer
-    steps, so gradient accumulation is accounted for). A ``ModelCheckpoint`` monitoring ``val/avg@K`` must use
+    steps, so gradient accumulation is accounted for); Lightning's validation loop does the evaluating. A ``ModelCheckpoint`` monitoring ``val/avg@K`` must use
     the same K.
 
     Args:
@@ -52,11 +53,12 @@ class AvgAtKEvaluation(Callback):
         batch_size: Held-out problems per generation call; each call decodes ``batch_size * k`` sequences.
             Default: ``data.eval_batch_size``.
         num_problems: Evaluate the first ``num_problems`` held-out problems. Default: ``data.eval_size``.
-        every_n_steps: Evaluate every this many optimizer steps during fit; ``null`` keeps the trainer's own
-            ``val_check_interval`` / ``check_val_every_n_epoch`` schedule.
+        every_n_steps: Evaluate every this many optimizer steps during fit; ``null``: only at the end (with
+            ``at_end``). Either way this schedule replaces ``trainer.val_check_interval`` and
+            ``trainer.check_val_every_n_epoch``, and a ``ModelCheckpoint`` saves after each evaluation.
         at_end: Also evaluate after the last training step (once, even if that step is also on the schedule),
             so the best checkpoint can be the final one.
-        write_samples: Write every sample (question, gold, response, extracted answer, correct) as
+        write_samples: Write every sample (question, gold, response, extracted answer, correct, tokens) as
             ``<log_dir>/samples/<val|test>_step<N>.csv`` and, with a TensorBoard logger, as text.
         console_problems: Problems shown in the console table after each evaluation (0: no table).
         tensorboard_rows: Sample rows in the TensorBoard text table.
@@ -97,7 +99,7 @@ class AvgAtKEvaluation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Apply the given settings to the datamodule and, for fit, the schedule to the trainer."""
         self._apply_settings(trainer)
-        if stage == "fit" and self.every_n_steps is not None:
+        if stage == "fit":
             self._schedule(trainer)
 
     def _apply_settings(self, trainer: Trainer) -> None:
@@ -114,14 +116,18 @@ class AvgAtKEvaluation(Callback):
             setattr(datamodule, attribute, value)
 
     def _schedule(self, trainer: Trainer) -> None:
-        interval = self.every_n_steps * trainer.accumulate_grad_batches  # Lightning counts training batches
+        if self.every_n_steps is None:
+            interval = sys.maxsize  # never on a schedule: only at the end (at_end)
+        else:
+            interval = self.every_n_steps * trainer.accumulate_grad_batches  # Lightning counts training batches
         if isinstance(trainer.val_check_interval, int) and trainer.val_check_interval != interval:
             rank_zero_info(
                 f"AvgAtKEvaluation.every_n_steps={self.every_n_steps} replaces "
                 f"trainer.val_check_interval={trainer.val_check_interval}"
             )
         trainer.val_check_interval = interval
-        trainer.check_val_every_n_epoch = None  # count batches across epochs, not within one
+        # count batches across epochs, not within one; ModelCheckpoint then saves after each evaluation
+        trainer.check_val_every_n_epoch = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fail early when a checkpoint monitors an ``avg@K`` this evaluation does not log."""
@@ -170,6 +176,7 @@ class AvgAtKEvaluation(Callback):
                     "response": response,
                     "extracted": batch.answers[i][j],
                     "correct": bool(batch.correct[i, j]),
+                    "tokens": int(batch.lengths[i, j]),
                 })
 
     on_test_batch_end = on_validation_batch_end
