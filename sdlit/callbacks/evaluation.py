@@ -192,16 +192,17 @@ class AvgAtKEvaluation(Callback):
 
     def _report(self, trainer: Trainer, prefix: str) -> None:
         samples = _gather(trainer, self.samples)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective (broadcast): every rank asks
         if not trainer.is_global_zero or not samples:
             return
         if self.write_samples:
-            self.written.append(self._write_csv(trainer, prefix, samples))
+            self.written.append(self._write_csv(log_dir, trainer.global_step, prefix, samples))
             self._write_tensorboard(trainer, prefix, samples)
         if self.console_problems > 0:
             print_console_table(trainer, prefix, samples, self.console_problems)
 
-    def _write_csv(self, trainer: Trainer, prefix: str, samples: list[dict]) -> Path:
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"{prefix}_step{trainer.global_step:06d}.csv"
+    def _write_csv(self, log_dir: Path, step: int, prefix: str, samples: list[dict]) -> Path:
+        path = log_dir / "samples" / f"{prefix}_step{step:06d}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=SAMPLE_COLUMNS)
