@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -94,6 +95,8 @@ class AvgAtKEvaluation(Callback):
         self.tensorboard_rows = tensorboard_rows
         self.samples: list[dict] = []
         self.written: list[Path] = []  # sample files written so far (for users and tests)
+        self.started = time.perf_counter()
+        self.seconds: float | None = None  # wall time of the last evaluation (sampling, grading, metrics)
 
     # ---- settings and schedule ---------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -155,8 +158,9 @@ class AvgAtKEvaluation(Callback):
 
     # ---- samples -----------------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Start a new samples table."""
+        """Start a new samples table and the evaluation's clock."""
         self.samples = []
+        self.started = time.perf_counter()
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -191,6 +195,7 @@ class AvgAtKEvaluation(Callback):
         self._report(trainer, "test")
 
     def _report(self, trainer: Trainer, prefix: str) -> None:
+        self.seconds = time.perf_counter() - self.started
         samples = _gather(trainer, self.samples)
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective (broadcast): every rank asks
         if not trainer.is_global_zero or not samples:
@@ -199,7 +204,7 @@ class AvgAtKEvaluation(Callback):
             self.written.append(self._write_csv(log_dir, trainer.global_step, prefix, samples))
             self._write_tensorboard(trainer, prefix, samples)
         if self.console_problems > 0:
-            print_console_table(trainer, prefix, samples, self.console_problems)
+            print_console_table(trainer, prefix, samples, self.console_problems, self.seconds)
 
     def _write_csv(self, log_dir: Path, step: int, prefix: str, samples: list[dict]) -> Path:
         path = log_dir / "samples" / f"{prefix}_step{step:06d}.csv"
@@ -243,7 +248,7 @@ def markdown_table(samples: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def print_console_table(trainer: Trainer, prefix: str, samples: list[dict], problems: int) -> None:
+def print_console_table(trainer: Trainer, prefix: str, samples: list[dict], problems: int, seconds: float) -> None:
     """A short rich table: per problem the majority answer, the gold and how many samples were right."""
     from rich import get_console
     from rich.table import Table
@@ -254,7 +259,7 @@ def print_console_table(trainer: Trainer, prefix: str, samples: list[dict], prob
     scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{prefix}/")}
     title = f"{prefix} at step {trainer.global_step}: " + "  ".join(
         f"{k.split('/', 1)[1]} {v:.3f}" for k, v in sorted(scores.items())
-    )
+    ) + f"  ({len(by_problem)} problems, {len(samples)} samples, {seconds:.1f} s)"
     table = Table(title=title, title_justify="left")
     for column in ("problem", "question", "gold", "majority", "correct"):
         table.add_column(column)
