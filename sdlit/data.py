@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from sdlit.callbacks.feedback import Feedback
@@ -28,6 +29,7 @@ from sdlit.rollout import Rollout, sample_rollouts
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError, Problem, Task
 from sdlit.tasks.rows import file_rows
+from sdlit.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +146,28 @@ class RolloutDataModule(LightningDataModule):
         self.position["batches"] += 1
 
     def val_dataloader(self) -> DataLoader:
-        """Batches of held-out problems."""
-        return DataLoader(self.eval_problems(), batch_size=self.eval_batch_size, collate_fn=list)
+        """Batches of held-out problems (under several processes: this rank's share, each problem once)."""
+        problems = self.eval_problems()
+        sampler = self.eval_sampler(problems)
+        return DataLoader(problems, batch_size=self.eval_batch_size, collate_fn=list, sampler=sampler)
+
+    def eval_sampler(self, problems: list[Problem]) -> UnrepeatedDistributedSampler | None:
+        """Under several processes, split the held-out problems across ranks without repeating any.
+
+        Lightning's default DistributedSampler pads the ranks to equal size by repeating problems, which would
+        count those problems twice in Avg@k / Pass@k / Maj@k; this sampler gives rank r the problems r, r + W, ...
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        if len(problems) < trainer.world_size:
+            raise DataError(
+                f"data.eval_size: {len(problems)} held-out problems cannot be shared by {trainer.world_size} "
+                "processes (each needs at least one): evaluate more problems or on fewer devices"
+            )
+        return UnrepeatedDistributedSampler(
+            problems, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
 
     def test_dataloader(self) -> DataLoader:
         """The held-out problems, as for validation."""
@@ -182,20 +204,23 @@ class RolloutDataModule(LightningDataModule):
             rollouts = [offline_rollout(row, module.tokenizer, module.global_step, kwargs) for row in batch]
             self.grade(rollouts)
             return rollouts
-        rollouts = sample_rollouts(
-            module.model,
-            module.tokenizer,
-            batch,
-            n=self.rollouts_per_problem,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_new_tokens=self.max_new_tokens,
-            policy_version=module.global_step,
-            template_kwargs=module.hparams.student_template_kwargs,
-        )
-        self.grade(rollouts)
-        for feedback in self.feedback_callbacks():
-            feedback.annotate(rollouts)
+        timer = getattr(module, "phase_timer", None) or PhaseTimer()  # a module of one's own may have none
+        with timer.phase("rollout"):
+            rollouts = sample_rollouts(
+                module.model,
+                module.tokenizer,
+                batch,
+                n=self.rollouts_per_problem,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                max_new_tokens=self.max_new_tokens,
+                policy_version=module.global_step,
+                template_kwargs=module.hparams.student_template_kwargs,
+            )
+        with timer.phase("feedback"):
+            self.grade(rollouts)
+            for feedback in self.feedback_callbacks():
+                feedback.annotate(rollouts)
         return rollouts
 
     def grade(self, rollouts: list[Rollout]) -> None:

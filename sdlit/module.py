@@ -19,6 +19,7 @@ from sdlit.prompts import teacher_prompt_ids
 from sdlit.rollout import Rollout
 from sdlit.scoring import ScoringBatch, build_scoring_batch, response_logits, token_logprobs
 from sdlit.teacher import TeacherMode, TeacherWeights
+from sdlit.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class SelfDistillationModule(LightningModule):
         self.truncations = 0
         self.guard = StepGuard(max_consecutive_bad_steps)
         self._rng_to_restore: dict | None = None  # random state of a resumed checkpoint, put back at train start
+        self.phase_timer = PhaseTimer()  # rollout/feedback (datamodule), teacher/student (training_step)
 
     # ---- model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -136,8 +138,10 @@ class SelfDistillationModule(LightningModule):
         student = self._student_batch(rollouts)
         teacher_logits, has_context = None, None
         if self.uses_teacher:  # before the student pass: swapping teacher weights must precede its graph
-            teacher_logits, has_context = self._teacher_logits(rollouts)
-        student_logits = response_logits(self.model, student)
+            with self.phase_timer.phase("teacher"):
+                teacher_logits, has_context = self._teacher_logits(rollouts)
+        with self.phase_timer.phase("student"):
+            student_logits = response_logits(self.model, student)
         losses = {}
         if self.uses_teacher:
             distill_mask = student.response_mask & has_context.unsqueeze(1)
@@ -154,6 +158,7 @@ class SelfDistillationModule(LightningModule):
             losses["grpo"] = self._grpo_loss(rollouts, student_logits, student)
         loss = self._combine(losses)
         self._log_step(rollouts, student, loss, losses)
+        self._log_phase_times(student, len(rollouts))
         return loss
 
     def _student_batch(self, rollouts: list[Rollout]) -> ScoringBatch:
@@ -262,6 +267,12 @@ class SelfDistillationModule(LightningModule):
         self.log("train/tokens", batch.response_mask.sum().float(), reduce_fx="sum", batch_size=size)
         lag = self.global_step - min(r.policy_version for r in rollouts)
         self.log("train/policy_lag", float(lag), batch_size=size)
+
+    def _log_phase_times(self, batch: ScoringBatch, size: int) -> None:
+        """Log this step's phase seconds as ``time/<phase>`` and close the step of the phase timer."""
+        self.phase_timer.add_tokens(int(batch.response_mask.sum()))
+        for name, seconds in self.phase_timer.finish_step().items():
+            self.log(f"time/{name}", seconds, batch_size=size)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """The optimizer step, then the EMA teacher update; both skipped (and counted) when the step's loss
