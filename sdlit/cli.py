@@ -63,13 +63,13 @@ def main(args: list[str] | None = None) -> None:
 
     ``sdlit analyze ...`` runs the advantage analysis; anything else goes to LightningCLI.
     """
-    args = sys.argv[1:] if args is None else list(args)
-    if args and args[0] == "analyze":
+    words = sys.argv[1:] if args is None else list(args)
+    if words and words[0] == "analyze":
         from sdlit.analysis.analyze import analyze_cli
 
-        analyze_cli(args[1:])
+        analyze_cli(words[1:])
         return
-    run_cli(args)
+    run_cli(args)  # None: LightningCLI reads sys.argv itself (no "args and sys.argv both given" warning)
 
 
 if __name__ == "__main__":
