@@ -18,7 +18,7 @@ STEP_FORMAT_INSTRUCTION = (
     'and so on, then finish with a line "Answer: <number>".'
 )
 
-_DECOR = r"[ \t]*(?:[#>*_]+[ \t]*)*"  # markdown decoration before a tag: "**", "###", "> "
+_DECOR = r"[ \t]*(?:[#>*_][ \t]*)*"  # markdown decoration before a tag: "**", "###", "> "
 # "Step 1:", "**Step 1:**", "**Step 1**:", "Step 1.", "step 1 -", "Step 1)" or a bare "Step 1" line.
 _STEP_TAG = re.compile(
     _DECOR + r"step[ \t]*(\d+)[ \t]*(?:\*\*|__)?[ \t]*(?:[:.)\-–—]|(?=[ \t]*$))[ \t]*(?:\*\*|__)?[ \t]*",

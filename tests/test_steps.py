@@ -53,3 +53,16 @@ def test_edge_cases():
     assert split_steps("Step 1: only work") [0].kind == "step"
     assert not has_step_tags("We take 3 steps: 1, 2, 3")
     assert "Step 1:" in STEP_FORMAT_INSTRUCTION and "Answer:" in STEP_FORMAT_INSTRUCTION
+
+
+def test_decoration_runs_are_read_in_linear_time():
+    """A long run of markdown characters (SmolLM2 writes such lines) once made the tag regex backtrack
+    exponentially: 40 stars took longer than any timeout."""
+    import time
+
+    response = "*" * 40 + " x\n" + "#_*" * 200 + "\nStep 1: 2 + 2 = 4\n**Answer:** 4"
+    started = time.perf_counter()
+    steps = split_steps(response)
+    assert time.perf_counter() - started < 1.0
+    assert [s.kind for s in steps] == ["step", "answer"]
+    assert steps[0].text == "2 + 2 = 4" and steps[1].text == "4"
