@@ -115,7 +115,7 @@ def sample_rollouts(
     prompts = [student_prompt_ids(tokenizer, p.question, **(template_kwargs or {})) for p in problems]
     responses = sample_responses(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    rollouts = [
+    return [
         Rollout(
             problem=problems[i // n],
             prompt_ids=prompts[i // n],
@@ -126,9 +126,6 @@ def sample_rollouts(
         )
         for i, (ids, text) in enumerate(zip(responses, texts))
     ]
-    for rollout in rollouts:
-        tag_step_spans(rollout, tokenizer)
-    return rollouts
 
 
 def tag_step_spans(rollout: Rollout, tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:

@@ -182,9 +182,9 @@ def _rollouts(module, pairs, temperature, max_new_tokens) -> list[Rollout]:
             continue
         ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         text = tokenizer.decode(ids, skip_special_tokens=True)  # what the tokens say: steps and critic use it
-        rollout = Rollout(problem, student_prompt_ids(tokenizer, problem.question, **kwargs), ids, text)
+        rollouts.append(Rollout(problem, student_prompt_ids(tokenizer, problem.question, **kwargs), ids, text))
+    for rollout in rollouts:
         tag_step_spans(rollout, tokenizer)
-        rollouts.append(rollout)
     return rollouts
 
 
