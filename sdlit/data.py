@@ -26,6 +26,7 @@ from sdlit.callbacks.feedback import Feedback
 from sdlit.checkpointing import EpochSampler, ResumableLoader
 from sdlit.prompts import student_prompt_ids
 from sdlit.rollout import Rollout, sample_rollouts
+from sdlit.sft import reference_rollouts
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError, Problem, Task
 from sdlit.tasks.rows import file_rows
@@ -198,12 +199,16 @@ class RolloutDataModule(LightningDataModule):
             return self.graded_samples(batch, module)
 
     def annotated_rollouts(self, batch: list, module) -> list[Rollout]:
-        """Sample rollouts, grade them and let every feedback callback annotate them (offline: read, grade)."""
+        """Sample rollouts, grade them and let every feedback callback annotate them (offline: read, grade;
+        a module that samples nothing, objective ``sft``: the problems' step-tagged reference solutions)."""
         if self.offline_path:
             kwargs = module.hparams.student_template_kwargs
             rollouts = [offline_rollout(row, module.tokenizer, module.global_step, kwargs) for row in batch]
             self.grade(rollouts)
             return rollouts
+        if not getattr(module, "samples_rollouts", True):  # objective sft: the targets are reference solutions
+            return reference_rollouts(batch, module.tokenizer, module.global_step,
+                                      module.hparams.student_template_kwargs)
         timer = getattr(module, "phase_timer", None) or PhaseTimer()  # a module of one's own may have none
         with timer.phase("rollout"):
             rollouts = sample_rollouts(

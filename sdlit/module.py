@@ -14,7 +14,7 @@ from sdlit.checkpointing import capture_rng_states, plain_values, restore_rng_st
 from sdlit.guard import StepGuard
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
 from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, load_model, load_tokenizer
-from sdlit.objectives import distillation_loss, grpo_loss, group_advantages, token_advantages
+from sdlit.objectives import distillation_loss, grpo_loss, group_advantages, sft_loss, token_advantages
 from sdlit.prompts import teacher_prompt_ids
 from sdlit.rollout import Rollout
 from sdlit.scoring import ScoringBatch, build_scoring_batch, response_logits, token_logprobs
@@ -23,7 +23,7 @@ from sdlit.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
-Objective = Literal["self_distillation", "grpo", "hybrid"]
+Objective = Literal["self_distillation", "grpo", "hybrid", "sft"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 
 
@@ -37,7 +37,8 @@ class SelfDistillationModule(LightningModule):
             (live weights, stop-gradient) or ``ema`` (moving average of the trainable weights).
         ema_decay: Decay of the EMA teacher (``teacher: ema``).
         objective: ``self_distillation`` (teacher sees feedback context), ``grpo`` (group-normalised binary
-            reward, no teacher) or ``hybrid`` (weighted sum of both).
+            reward, no teacher), ``hybrid`` (weighted sum of both) or ``sft`` (supervised warm start:
+            cross-entropy on each problem's step-tagged reference solution; nothing is sampled, no teacher).
         divergence: Per-token divergence of self-distillation: ``forward_kl`` = KL(teacher || student),
             ``reverse_kl`` = KL(student || teacher), ``jsd`` (generalised Jensen-Shannon with ``jsd_beta``).
         jsd_beta: Mixture weight of the teacher in ``jsd``.
@@ -87,8 +88,8 @@ class SelfDistillationModule(LightningModule):
         max_consecutive_bad_steps: int = 3,
     ):
         super().__init__()
-        if objective not in ("self_distillation", "grpo", "hybrid"):
-            raise ValueError(f"objective must be self_distillation, grpo or hybrid, got {objective!r}")
+        if objective not in ("self_distillation", "grpo", "hybrid", "sft"):
+            raise ValueError(f"objective must be self_distillation, grpo, hybrid or sft, got {objective!r}")
         if not 0.0 <= grpo_weight <= 1.0:
             raise ValueError(f"grpo_weight must lie in [0, 1], got {grpo_weight}")
         self.save_hyperparameters()
@@ -119,12 +120,17 @@ class SelfDistillationModule(LightningModule):
     @property
     def uses_teacher(self) -> bool:
         """Whether the objective needs the self-teacher pass."""
-        return self.hparams.objective != "grpo"
+        return self.hparams.objective in ("self_distillation", "hybrid")
 
     @property
     def uses_reward(self) -> bool:
         """Whether the objective needs rewards."""
-        return self.hparams.objective != "self_distillation"
+        return self.hparams.objective in ("grpo", "hybrid")
+
+    @property
+    def samples_rollouts(self) -> bool:
+        """Whether training batches are sampled from the solver (``sft`` trains on reference solutions)."""
+        return self.hparams.objective != "sft"
 
     def max_teacher_tokens(self) -> int:
         """The teacher input budget in tokens."""
@@ -156,6 +162,8 @@ class SelfDistillationModule(LightningModule):
             self._log_advantages(student_logits, teacher_logits, student, distill_mask)
         if self.uses_reward:
             losses["grpo"] = self._grpo_loss(rollouts, student_logits, student)
+        if self.hparams.objective == "sft":
+            losses["sft"] = sft_loss(token_logprobs(student_logits, student.response_ids), student.response_mask)
         loss = self._combine(losses)
         self._log_step(rollouts, student, loss, losses)
         self._log_phase_times(student, len(rollouts))

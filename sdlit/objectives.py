@@ -1,4 +1,4 @@
-"""Training objectives: self-distillation, GRPO and their hybrid, on response-aligned logits.
+"""Training objectives: self-distillation, GRPO, their hybrid and supervised fine-tuning, on response-aligned logits.
 
 All functions take logits already restricted to the response positions (``[B, R, V]``, see
 :mod:`sdlit.scoring`) and a ``[B, R]`` mask of real response tokens, and average over those tokens.
@@ -63,6 +63,16 @@ def grpo_loss(
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
     per_token = -torch.minimum(unclipped, clipped)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the target tokens: mean negative log-prob over all masked tokens of the batch.
+
+    Args:
+        logprobs: [B, R] log-probs of the target tokens under the model (with gradient).
+        mask: [B, R] real target tokens.
+    """
+    return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
 
 
 def token_advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from sdlit.callbacks.advantages import TokenAdvantageLogger
 from sdlit.callbacks.evaluation import AvgAtKEvaluation
 from sdlit.callbacks.export import HFExport
 from sdlit.callbacks.feedback import BinaryReward, Feedback, ReferenceSolution, StepCritique, clean_solution
+from sdlit.callbacks.problem_filter import ProblemBandFilter
 from sdlit.callbacks.progress import PhaseProgressBar
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Feedback",
     "HFExport",
     "PhaseProgressBar",
+    "ProblemBandFilter",
     "ReferenceSolution",
     "StepCritique",
     "TokenAdvantageLogger",

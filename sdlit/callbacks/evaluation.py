@@ -196,7 +196,7 @@ class AvgAtKEvaluation(Callback):
 
     def _report(self, trainer: Trainer, prefix: str) -> None:
         self.seconds = time.perf_counter() - self.started
-        samples = _gather(trainer, self.samples)
+        samples = gather_rows(trainer, self.samples)
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective (broadcast): every rank asks
         if not trainer.is_global_zero or not samples:
             return
@@ -225,8 +225,8 @@ class AvgAtKEvaluation(Callback):
             logger.experiment.add_text(f"{prefix}/samples", text, global_step=trainer.global_step)
 
 
-def _gather(trainer: Trainer, samples: list[dict]) -> list[dict]:
-    """Every rank's samples, on every rank (one list per rank, concatenated in rank order)."""
+def gather_rows(trainer: Trainer, samples: list[dict]) -> list[dict]:
+    """Every rank's rows, on every rank (one list per rank, concatenated in rank order)."""
     if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return samples
     parts: list = [None] * trainer.world_size
