@@ -277,7 +277,7 @@ def write_results(out: Path, results: Path, args, state: dict) -> None:
     text = [
         "# Replication: GRPO vs reference solution vs step-aligned critique",
         "",
-        f"Written by `python bench/replicate.py {' '.join(sys.argv[1:])}`".rstrip() + f" on {state['machine']}.",
+        f"Written by `{state.get('command', 'python bench/replicate.py')}` on {state['machine']}.",
         f"Wall time of the stages so far: {wall / 60:.1f} min "
         + "(" + ", ".join(f"{k} {v / 60:.1f}" for k, v in state["seconds"].items()) + ").",
         "",
@@ -325,6 +325,7 @@ def main(argv=None) -> None:
     state_path = out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"seconds": {}}
     state["machine"] = machine()
+    state["command"] = " ".join(["python bench/replicate.py", *(sys.argv[1:] if argv is None else argv)])
     warm_dir, split_dir = out / "warmstart", out / "split"
     warm_model = warm_dir / "hf"
 

@@ -1,6 +1,7 @@
 """Feedback kinds defined outside sdlit, as a user would: one subclass each, selected from YAML."""
 
 from sdlit.callbacks import Feedback
+from sdlit.tasks.arith import Arith
 
 
 class AnswerHint(Feedback):
@@ -18,3 +19,11 @@ class LengthParityReward(Feedback):
 
     def annotate_one(self, rollout):
         rollout.reward = float(sum(rollout.response_ids) % 2 == 0)
+
+
+class ParityArith(Arith):
+    """Arith whose answer check is a coin flip a random model can win: correct when the response has an even
+    number of characters (so a tiny random model gets a spread of Avg@n)."""
+
+    def is_correct(self, response, gold):
+        return len(response) % 2 == 0
