@@ -162,9 +162,11 @@ def advantage_regions(run_dir: Path) -> dict:
 
 
 # ---- results -----------------------------------------------------------------------------------------------
-def collect(out: Path, seeds: list[int], conditions: list[str]) -> dict:
-    """Every finished evaluation of every seed and condition, plus the advantage statistics."""
+def collect(out: Path, conditions: list[str]) -> dict:
+    """Every evaluation of every seed run so far (any ``seed*`` directory) and condition, plus the advantage
+    statistics; a later invocation with other ``--seeds`` adds to the same results."""
     runs = {}
+    seeds = sorted(int(p.name.removeprefix("seed")) for p in out.glob("seed*") if p.name[4:].isdigit())
     for seed in seeds:
         warm = [evaluation_metrics(p) for p in sample_files(out / f"seed{seed}" / "warm")]
         for condition in conditions:
@@ -268,7 +270,7 @@ def plot(runs: dict, path: Path) -> None:
 
 
 def write_results(out: Path, results: Path, args, state: dict) -> None:
-    runs = collect(out, args.seeds, args.conditions)
+    runs = collect(out, list(CONDITIONS))
     if not runs:
         return
     results.mkdir(parents=True, exist_ok=True)
@@ -286,7 +288,7 @@ def write_results(out: Path, results: Path, args, state: dict) -> None:
         f"{split['train']} train, {split['held_out']} held out. Values in % as mean over seeds "
         "(min-max); the step of each seed's best checkpoint in parentheses.",
         "",
-        *results_table(runs, args.conditions),
+        *results_table(runs, list(CONDITIONS)),
         "",
         f"![held-out Avg@12]({'replication.png'})",
         "",
