@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from sdlit.callbacks.feedback import Feedback
 from sdlit.checkpointing import EpochSampler, ResumableLoader
 from sdlit.prompts import student_prompt_ids
-from sdlit.rollout import Rollout, sample_rollouts
+from sdlit.rollout import Rollout, Sampler, sample_rollouts
 from sdlit.sft import reference_rollouts
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError, Problem, Task
@@ -68,6 +68,10 @@ class RolloutDataModule(LightningDataModule):
             epoch), so a run resumed with ``--ckpt_path`` sees the same problems in the same order.
         on_bad_row: Offline rows that are malformed or miss a field: ``error`` stops with a message naming
             file, row and field; ``skip`` leaves them out, logs each one and counts them (``skipped_rows``).
+        sampler: How rollouts and held-out samples are decoded: ``static_cache`` (sdlit's loop: each prompt
+            prefilled once for its n samples, a KV cache allocated once, finished rows dropped from the batch;
+            models that cannot take a static cache fall back to ``generate``) or ``generate`` (plain
+            ``model.generate``). Both sample from the same distribution.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class RolloutDataModule(LightningDataModule):
         offline_path: str | None = None,
         shuffle: bool = True,
         on_bad_row: Literal["error", "skip"] = "error",
+        sampler: Sampler = "static_cache",
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("rollouts_per_problem", rollouts_per_problem),
@@ -94,6 +99,8 @@ class RolloutDataModule(LightningDataModule):
                 raise ValueError(f"data.{name} must be at least 1, got {value}")
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        if sampler not in ("static_cache", "generate"):
+            raise ValueError(f"data.sampler must be 'static_cache' or 'generate', got {sampler!r}")
         self.task = task
         self.batch_size = batch_size
         self.rollouts_per_problem = rollouts_per_problem
@@ -108,6 +115,7 @@ class RolloutDataModule(LightningDataModule):
         self.offline_path = offline_path
         self.shuffle = shuffle
         self.on_bad_row = on_bad_row
+        self.sampler = sampler
         self.skipped_rows = 0
         self.seed: int | None = None  # the shuffle seed: seed_everything's, fixed at the first train_dataloader()
         self.position = {"epoch": 0, "batches": 0}  # training batches handed to the model this epoch
@@ -221,6 +229,7 @@ class RolloutDataModule(LightningDataModule):
                 max_new_tokens=self.max_new_tokens,
                 policy_version=module.global_step,
                 template_kwargs=module.hparams.student_template_kwargs,
+                sampler=self.sampler,
             )
         with timer.phase("feedback"):
             self.grade(rollouts)
@@ -248,6 +257,7 @@ class RolloutDataModule(LightningDataModule):
             max_new_tokens=self.eval_max_new_tokens,
             policy_version=module.global_step,
             template_kwargs=module.hparams.student_template_kwargs,
+            sampler=self.sampler,
         )
         self.grade(rollouts)
         k = self.eval_k

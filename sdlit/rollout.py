@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sdlit.generation import left_pad, sample_with_static_cache, supports_static_cache
 from sdlit.prompts import student_prompt_ids
 from sdlit.steps import split_steps, step_token_spans, token_char_ends
 from sdlit.tasks.base import Problem
 
 log = logging.getLogger(__name__)
+
+Sampler = Literal["static_cache", "generate"]
 
 
 @dataclass
@@ -66,35 +69,53 @@ def sample_responses(
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_new_tokens: int = 256,
+    sampler: Sampler = "static_cache",
 ) -> list[list[int]]:
-    """Sample ``n`` responses per prompt in one batched ``generate`` call; returns n*len(prompts) id lists.
+    """Sample ``n`` responses per prompt in one batch; returns n*len(prompts) id lists.
 
     Responses are grouped by prompt (all n of prompt 0 first) and cut after the first EOS, which is kept.
     ``temperature == 0`` decodes greedily, once per prompt, and repeats the answer ``n`` times.
+    ``sampler``: ``static_cache`` (:mod:`sdlit.generation`: each prompt prefilled once, a KV cache sized once,
+    finished rows dropped; models that cannot take a static cache use ``generate``) or ``generate`` (plain
+    ``model.generate``).
     """
-    device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    if sampler not in ("static_cache", "generate"):
+        raise ValueError(f"sampler must be 'static_cache' or 'generate', got {sampler!r}")
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=top_p if temperature > 0 else None,
-            top_k=0 if temperature > 0 else None,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=n if temperature > 0 else 1,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        if sampler == "static_cache" and supports_static_cache(model):
+            greedy = temperature <= 0
+            responses = sample_with_static_cache(
+                model, prompts, _eos_ids(model, tokenizer), tokenizer.pad_token_id, n=1 if greedy else n,
+                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            )
+        else:
+            responses = _sample_with_generate(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens)
     finally:
         model.train(was_training)
-    eos_ids = _eos_ids(model, tokenizer)
-    responses = [_cut_at_eos(row.tolist(), eos_ids) for row in output[:, input_ids.shape[1] :]]
     if temperature > 0:
         return responses
     return [list(r) for r in responses for _ in range(n)]
+
+
+def _sample_with_generate(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens) -> list[list[int]]:
+    """Plain ``model.generate`` on the left-padded batch (greedy: one answer per prompt)."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None,
+        top_k=0 if temperature > 0 else None,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=n if temperature > 0 else 1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    eos_ids = _eos_ids(model, tokenizer)
+    return [_cut_at_eos(row.tolist(), eos_ids) for row in output[:, input_ids.shape[1] :]]
 
 
 def sample_rollouts(
@@ -107,13 +128,15 @@ def sample_rollouts(
     max_new_tokens: int = 256,
     policy_version: int = 0,
     template_kwargs: dict | None = None,
+    sampler: Sampler = "static_cache",
 ) -> list[Rollout]:
     """Sample ``n`` rollouts per problem from the live solver; rollouts of problem i have ``group == i``.
 
-    ``template_kwargs`` go to the chat template of the student prompt (e.g. ``enable_thinking``).
+    ``template_kwargs`` go to the chat template of the student prompt (e.g. ``enable_thinking``); ``sampler``
+    as in :func:`sample_responses`.
     """
     prompts = [student_prompt_ids(tokenizer, p.question, **(template_kwargs or {})) for p in problems]
-    responses = sample_responses(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens)
+    responses = sample_responses(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, sampler)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return [
         Rollout(
@@ -137,18 +160,6 @@ def tag_step_spans(rollout: Rollout, tokenizer: PreTrainedTokenizerBase) -> list
     ends = token_char_ends(tokenizer, rollout.response_ids, text)
     rollout.step_spans = step_token_spans(split_steps(text), ends)
     return rollout.step_spans
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"):
-    """Left-pad id lists into ``(input_ids, attention_mask)`` tensors."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

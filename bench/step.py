@@ -1,0 +1,244 @@
+"""Training-step throughput, phase by phase, against TRL doing the same work, in one run.
+
+Per condition (``reference``: self-distillation, the teacher sees the reference solution, 1 rollout per prompt;
+``grpo``: binary reward, 8 rollouts per prompt), each in a fresh process so that peak RSS is its own:
+
+1. sdlit: ``--steps`` optimizer steps of a real Lightning ``Trainer`` run on the packaged SmolLM2-135M-Instruct
+   with LoRA (r=16, alpha=32), ``--prompts`` GSM8K problems per step, ``--max-new-tokens`` new tokens;
+   per phase (rollout, feedback, teacher, student forward, student backward, optimizer and the rest) the seconds,
+   tokens/s and share of the step, from the module's own phase timer and Lightning's backward hooks;
+2. the peer: the same work with TRL (``bench/trl_peer.py``; needs ``pip install -e '.[bench]'``);
+3. rollout generation alone: sdlit's sampler (``data.sampler: static_cache``) against plain ``model.generate`` on
+   the same batch, alternating, tokens/s (real tokens, up to each row's EOS).
+
+Every figure is printed as measured, with the ratio sdlit / peer; step times are the mean over the steps after the
+first (the first includes one-time warm-up) when there are more than one. CPU: fp32. On a GPU
+(``--accelerator gpu``) sdlit uses bf16-mixed and the sizes given (e.g. ``--prompts 32``).
+
+    python bench/step.py                                  # both conditions, 3 steps each, TRL beside
+    python bench/step.py --conditions reference --steps 2 --peer none
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+ROLLOUTS = {"reference": 1, "grpo": 8}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--conditions", nargs="+", default=["reference", "grpo"], choices=list(ROLLOUTS))
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
+    p.add_argument("--prompts", type=int, default=8, help="problems per optimizer step")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--peer", choices=["trl", "none"], default="trl")
+    p.add_argument("--generation-repeats", type=int, default=2, help="timed sampler/generate pairs (0: skip)")
+    p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--json", default=None, help="also write every result to this file")
+    p.add_argument("--worker", choices=["sdlit", "generation"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--condition", choices=list(ROLLOUTS), default="reference", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---- workers (each in its own process) -----------------------------------------------------------------------
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sdlit_worker(args) -> dict:
+    """``args.steps`` optimizer steps of ``sdlit`` on the condition; per-step phase seconds and token counts."""
+    import lightning as L
+
+    from sdlit.callbacks import BinaryReward, ReferenceSolution
+    from sdlit.data import RolloutDataModule
+    from sdlit.models import LoraSettings
+    from sdlit.module import SelfDistillationModule
+    from sdlit.tasks.gsm8k import GSM8K
+
+    L.seed_everything(0, verbose=False)
+    grpo = args.condition == "grpo"
+    module = SelfDistillationModule(
+        lora=LoraSettings(r=16, alpha=32), teacher="base", objective="grpo" if grpo else "self_distillation",
+        divergence="forward_kl", learning_rate=args.lr, gradient_checkpointing=grpo,
+    )
+    data = RolloutDataModule(
+        task=GSM8K(train_size=args.prompts * args.steps), batch_size=args.prompts,
+        rollouts_per_problem=ROLLOUTS[args.condition], temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens, shuffle=False,
+    )
+    recorder = StepRecorder()
+    feedback = [BinaryReward()] + ([] if grpo else [ReferenceSolution()])
+    trainer = L.Trainer(
+        accelerator=args.accelerator, devices=1, max_steps=args.steps, callbacks=[*feedback, recorder],
+        precision="bf16-mixed" if args.accelerator == "gpu" else "32-true", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data)
+    return {"side": "sdlit", "condition": args.condition, "steps": recorder.steps, "peak_rss_mib": peak_rss_mib()}
+
+
+class StepRecorder(Callback):
+    """Wall time of every optimizer step, split into the module's phases plus the student's backward."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+        self._start = self._backward = 0.0
+
+    def on_train_epoch_start(self, trainer, module):
+        self._start = time.perf_counter()
+
+    def on_before_backward(self, trainer, module, loss):
+        self._backward = time.perf_counter()
+
+    def on_after_backward(self, trainer, module):
+        self._backward = time.perf_counter() - self._backward
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        phases = dict(module.phase_timer.last, backward=self._backward)
+        phases["optimizer and rest"] = now - self._start - sum(phases.values())
+        self.steps.append({"seconds": now - self._start, "phases": phases, "rollouts": len(batch),
+                           "generated_tokens": sum(len(r.response_ids) for r in batch)})
+        self._start = now
+
+
+def generation_worker(args) -> dict:
+    """sdlit's sampler and plain ``generate`` on the same batch, alternating; seconds and real tokens of each."""
+    import torch
+
+    from sdlit.models import LoraSettings, add_lora, load_model, load_tokenizer
+    from sdlit.prompts import student_prompt_ids
+    from sdlit.rollout import sample_responses
+    from sdlit.tasks.gsm8k import GSM8K
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    dtype = "bfloat16" if args.accelerator == "gpu" else None
+    model = add_lora(load_model("smollm2-135m-instruct", dtype), LoraSettings(r=16, alpha=32))
+    if args.accelerator == "gpu":
+        model = model.cuda()
+    problems = GSM8K(train_size=args.prompts).train_problems()
+    prompts = [student_prompt_ids(tokenizer, p.question) for p in problems]
+    n = ROLLOUTS[args.condition]
+    runs = {"generate": [], "static_cache": []}
+    for repeat in range(args.generation_repeats):
+        for sampler in ("generate", "static_cache"):
+            torch.manual_seed(repeat)
+            start = time.perf_counter()
+            out = sample_responses(model, tokenizer, prompts, n=n, temperature=args.temperature,
+                                   max_new_tokens=args.max_new_tokens, sampler=sampler)
+            if args.accelerator == "gpu":
+                torch.cuda.synchronize()
+            runs[sampler].append({"seconds": time.perf_counter() - start, "tokens": sum(len(r) for r in out)})
+    return {"side": "generation", "condition": args.condition, "rows": len(prompts) * n, "runs": runs}
+
+
+# ---- the orchestrator ----------------------------------------------------------------------------------------
+def run_process(command: list[str]) -> dict:
+    """Run a worker process and return the JSON of its ``RESULT`` line (its log goes to stderr)."""
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{' '.join(command)} failed (exit {proc.returncode})")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def worker_command(args, worker: str, condition: str) -> list[str]:
+    return [sys.executable, __file__, "--worker", worker, "--condition", condition, "--steps", str(args.steps),
+            "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens), "--temperature",
+            str(args.temperature), "--lr", str(args.lr), "--accelerator", args.accelerator,
+            "--generation-repeats", str(args.generation_repeats)]
+
+
+def peer_command(args, condition: str) -> list[str]:
+    return [sys.executable, str(ROOT / "bench" / "trl_peer.py"), "--condition", condition, "--steps",
+            str(args.steps), "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
+            "--temperature", str(args.temperature), "--lr", str(args.lr)]
+
+
+def steady(values: list[float]) -> float:
+    """Mean over the steps after the first (one-time warm-up), or the only one."""
+    rest = values[1:] or values
+    return sum(rest) / len(rest)
+
+
+def phase_table(result: dict) -> list[str]:
+    steps = result["steps"][1:] or result["steps"]
+    total = sum(s["seconds"] for s in steps) / len(steps)
+    generated = sum(s["generated_tokens"] for s in steps) / len(steps)
+    lines = ["| phase | seconds | tokens/s | share of step |", "|---|---|---|---|"]
+    for name in steps[0]["phases"]:
+        seconds = sum(s["phases"][name] for s in steps) / len(steps)
+        rate = f"{generated / seconds:.0f}" if name != "optimizer and rest" and seconds > 0 else ""
+        lines.append(f"| {name} | {seconds:.2f} | {rate} | {seconds / total:.0%} |")
+    lines.append(f"| **step** | **{total:.2f}** | {generated / total:.0f} | 100% |")
+    return lines
+
+
+def report(args, results: dict) -> None:
+    print(f"\n## Machine: {machine(args.accelerator)}; {args.prompts} prompts x n rollouts, {args.max_new_tokens} "
+          f"new tokens, temperature {args.temperature}, LoRA r=16; step figures: mean of steps 2..{args.steps}"
+          if args.steps > 1 else "")
+    for condition in args.conditions:
+        ours, peer, gen = (results.get(f"{condition}/{k}") for k in ("sdlit", "peer", "generation"))
+        print(f"\n### {condition} (n={ROLLOUTS[condition]}): sdlit phases (tokens/s = generated tokens / phase s)\n")
+        print("\n".join(phase_table(ours)))
+        print("\n| side | s/step | peak RSS MiB |\n|---|---|---|")
+        mine = steady([s["seconds"] for s in ours["steps"]])
+        print(f"| sdlit | {mine:.2f} | {ours['peak_rss_mib']:.0f} |")
+        if peer:
+            theirs = steady(peer["seconds_per_step"])
+            print(f"| {peer['peer']} | {theirs:.2f} | {peer['peak_rss_mib']:.0f} |")
+            print(f"| **sdlit / peer** | **{mine / theirs:.2f}x** | **{ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x** |")
+        if gen:
+            rates = {k: sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v) for k, v in gen["runs"].items()}
+            print(f"\nrollout generation, {gen['rows']} rows: plain generate {rates['generate']:.1f} tokens/s, "
+                  f"sdlit sampler {rates['static_cache']:.1f} tokens/s: **{rates['static_cache'] / rates['generate']:.2f}x**")
+
+
+def machine(accelerator: str) -> str:
+    import platform
+
+    import torch
+
+    if accelerator == "gpu" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        result = sdlit_worker(args) if args.worker == "sdlit" else generation_worker(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    results = {}
+    for condition in args.conditions:
+        started = time.perf_counter()
+        results[f"{condition}/sdlit"] = run_process(worker_command(args, "sdlit", condition))
+        if args.peer == "trl":
+            results[f"{condition}/peer"] = run_process(peer_command(args, condition))
+        if args.generation_repeats:
+            results[f"{condition}/generation"] = run_process(worker_command(args, "generation", condition))
+        print(f"{condition}: {time.perf_counter() - started:.0f} s of benchmark", file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
+    report(args, results)
+
+
+if __name__ == "__main__":
+    main()

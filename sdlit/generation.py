@@ -1,0 +1,145 @@
+"""Batched sampling with a KV cache sized once: sdlit's decode loop for rollouts.
+
+Plain ``model.generate`` spends time that rollouts do not need. This loop, for any Hugging Face causal LM that
+takes a ``StaticCache``:
+
+- **prefills each prompt once**, then repeats its cache ``n`` times (``generate`` with
+  ``num_return_sequences=n`` prefills every prompt n times: for GRPO's n=8 most of the prefill is repeated work);
+- keeps keys and values in a **static cache** allocated once for prompt + ``max_new_tokens`` (a dynamic cache
+  concatenates, i.e. copies, the whole cache at every decoded token);
+- **drops finished rows** from the batch (and the cache) as soon as a quarter of the live rows have ended, so
+  short answers stop costing compute while long ones finish;
+- computes logits for the last position only and samples in fp32 (temperature, nucleus ``top_p``).
+
+Models whose forward takes no ``StaticCache`` fall back to ``generate`` (see :func:`supports_static_cache`).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import PreTrainedModel
+
+
+def supports_static_cache(model: PreTrainedModel) -> bool:
+    """Whether ``model`` can decode with :func:`sample_with_static_cache` (a causal LM taking a static cache)."""
+    base = _base(model)
+    if not getattr(base, "_can_compile_fullgraph", getattr(base, "_supports_static_cache", False)):
+        return False
+    return _cache_argument(model) is not None
+
+
+@torch.no_grad()
+def sample_with_static_cache(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    eos_ids: set[int],
+    pad_id: int,
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    compact_fraction: float = 0.25,
+) -> list[list[int]]:
+    """Sample ``n`` responses per prompt; returns ``n * len(prompts)`` id lists, all n of prompt 0 first.
+
+    Each response is cut after its first EOS, which is kept. ``temperature == 0`` decodes greedily. Rows that
+    have ended are removed from the batch once they make up ``compact_fraction`` of the live rows (0: at once).
+    """
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    input_ids, mask = left_pad(prompts, pad_id, device)
+    batch, width = input_ids.shape
+    total = width + max_new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=total)
+    attention = torch.zeros((batch, total), dtype=torch.long, device=device)
+    attention[:, :width] = mask
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits = _forward(model, cache, input_ids, attention[:, :width], positions)
+
+    rows = torch.arange(batch, device=device).repeat_interleave(n)  # prompt of each sampled row
+    if n > 1:
+        cache.reorder_cache(rows)
+        logits, attention = logits[rows], attention[rows]
+    next_position = positions[rows, -1] + 1
+    alive = torch.arange(batch * n, device=device)  # output row of each live batch row
+    out = torch.full((batch * n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((batch * n,), max_new_tokens, dtype=torch.long, device=device)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(batch * n, dtype=torch.bool, device=device)
+
+    for t in range(max_new_tokens):
+        tokens = _sample(logits, temperature, top_p)
+        out[alive, t] = tokens
+        ended = torch.isin(tokens, eos) & ~finished
+        lengths[alive[ended]] = t + 1
+        finished |= ended
+        if t + 1 == max_new_tokens or bool(finished.all()):
+            break
+        if finished.sum() > compact_fraction * len(alive):
+            keep = (~finished).nonzero().squeeze(1)
+            cache.reorder_cache(keep)
+            alive, tokens, next_position = alive[keep], tokens[keep], next_position[keep]
+            attention, finished = attention[keep], finished[keep]
+        attention[:, width + t] = 1
+        logits = _forward(model, cache, tokens[:, None], attention[:, : width + t + 1], next_position[:, None])
+        next_position = next_position + 1
+    return [out[i, : lengths[i]].tolist() for i in range(batch * n)]
+
+
+def _forward(model, cache, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """Logits of the last position, [B, V], appending the new keys and values to ``cache``."""
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+        **{_cache_argument(model): cache},
+    )
+    return output.logits[:, -1]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else from softmax(logits / temperature) within ``top_p``."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = _nucleus(probs, top_p)
+    return torch.multinomial(probs, 1).squeeze(1)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tokens outside the smallest set whose probability reaches ``top_p`` (the top token always stays)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"):
+    """Left-pad id lists into ``(input_ids, attention_mask)`` tensors."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _cache_argument(model) -> str | None:
+    """The name under which the model's forward takes its KV cache (``cache`` in newer transformers)."""
+    params = inspect.signature(_base(model).forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None

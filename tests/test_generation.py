@@ -1,0 +1,82 @@
+"""sdlit's decode loop (static cache, prefill once per prompt, finished rows dropped) against `generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sdlit.generation import sample_with_static_cache, supports_static_cache
+from sdlit.rollout import _cut_at_eos, sample_responses
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [40, 41, 42, 43, 44]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def one_by_one(model, eos: set[int], max_new_tokens: int) -> list[list[int]]:
+    """Independent reference: greedy `generate` on each prompt alone (no padding, no batching)."""
+    out = []
+    for prompt in PROMPTS:
+        ids = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=0, eos_token_id=sorted(eos))
+        out.append(_cut_at_eos(ids[0, len(prompt):].tolist(), eos))
+    return out
+
+
+def test_the_tiny_model_can_take_a_static_cache(model):
+    assert supports_static_cache(model)
+
+
+@pytest.mark.parametrize("compact_fraction", [0.0, 0.25, 1.0])
+def test_greedy_matches_generate_while_rows_end_at_different_steps(model, compact_fraction):
+    free = one_by_one(model, {2}, 12)  # without early EOS: pick EOS ids that end rows at different steps
+    eos = {free[0][3], free[1][6]}
+    expected = one_by_one(model, eos, 12)
+    lengths = sorted(len(r) for r in expected)
+    assert lengths[0] < lengths[-1], "the test needs rows that end at different steps"
+    got = sample_with_static_cache(model, PROMPTS, eos, pad_id=0, n=2, temperature=0.0, max_new_tokens=12,
+                                   compact_fraction=compact_fraction)
+    assert got == [r for r in expected for _ in range(2)]
+
+
+def test_sampling_follows_the_models_distribution(model):
+    """First sampled token: frequencies over many rows match softmax(logits / T) of the prompt."""
+    prompt = PROMPTS[0]
+    torch.manual_seed(0)
+    rows = sample_with_static_cache(model, [prompt], eos_ids={2}, pad_id=0, n=4000, temperature=0.7,
+                                    max_new_tokens=1)
+    counts = torch.bincount(torch.tensor([r[0] for r in rows]), minlength=model.config.vocab_size).float()
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / 0.7, dim=-1)
+    assert (counts / len(rows) - probs).abs().max() < 0.03
+
+
+def test_top_p_keeps_only_the_nucleus(model):
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], dim=-1)
+    top = probs.sort(descending=True)
+    keep = int((top.values.cumsum(0) < 0.3).sum()) + 1  # smallest prefix reaching 0.3
+    allowed = set(top.indices[:keep].tolist())
+    torch.manual_seed(1)
+    rows = sample_with_static_cache(model, [prompt], eos_ids={2}, pad_id=0, n=300, top_p=0.3, max_new_tokens=1)
+    assert {r[0] for r in rows} <= allowed
+
+
+def test_sample_responses_uses_either_sampler_with_the_same_layout(model, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for sampler in ("static_cache", "generate"):
+        torch.manual_seed(0)
+        out = sample_responses(model, tokenizer, PROMPTS[:2], n=3, max_new_tokens=5, sampler=sampler)
+        assert len(out) == 6 and all(1 <= len(r) <= 5 for r in out)
+    greedy = [sample_responses(model, tokenizer, PROMPTS, n=2, temperature=0.0, max_new_tokens=6, sampler=s)
+              for s in ("static_cache", "generate")]
+    assert greedy[0] == greedy[1]
+    with pytest.raises(ValueError, match="sampler"):
+        sample_responses(model, tokenizer, PROMPTS, sampler="vllm")
