@@ -8,7 +8,9 @@ Per condition (``reference``: self-distillation, the teacher sees the reference 
    per phase (rollout, feedback, teacher, student forward, student backward, optimizer and the rest) the seconds,
    tokens/s and share of the step, from the module's own phase timer and Lightning's backward hooks;
 2. the peer: the same work with TRL (``bench/trl_peer.py``; needs ``pip install -e '.[bench]'``);
-3. rollout generation alone: sdlit's sampler (``data.sampler: static_cache``) against plain ``model.generate`` on
+3. ablations (``--ablations``): sdlit again with one speed-up off (length-grouped scoring, the sampler), so each
+   speed-up shows its effect on the whole step;
+4. rollout generation alone: sdlit's sampler (``data.sampler: static_cache``) against plain ``model.generate`` on
    the same batch, alternating, tokens/s (real tokens, up to each row's EOS).
 
 Every figure is printed as measured, with the ratio sdlit / peer; step times are the mean over the steps after the
@@ -34,6 +36,10 @@ from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLLOUTS = {"reference": 1, "grpo": 8}
+ABLATIONS = {  # speed-up -> (worker flags that turn it off, label)
+    "length_groups": (["--length-groups", "off"], "one padded pass (no length groups)"),
+    "sampler": (["--sampler", "generate"], "plain generate (no static-cache sampler)"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer", choices=["trl", "none"], default="trl")
     p.add_argument("--generation-repeats", type=int, default=2, help="timed sampler/generate pairs (0: skip)")
     p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--ablations", nargs="*", default=["length_groups"], choices=["length_groups", "sampler"],
+                   help="also run sdlit with each of these speed-ups off (sampler: plain generate)")
     p.add_argument("--json", default=None, help="also write every result to this file")
+    p.add_argument("--sampler", choices=["static_cache", "generate"], default="static_cache", help=argparse.SUPPRESS)
+    p.add_argument("--length-groups", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["sdlit", "generation"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--condition", choices=list(ROLLOUTS), default="reference", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -73,11 +83,12 @@ def sdlit_worker(args) -> dict:
     module = SelfDistillationModule(
         lora=LoraSettings(r=16, alpha=32), teacher="base", objective="grpo" if grpo else "self_distillation",
         divergence="forward_kl", learning_rate=args.lr, gradient_checkpointing=grpo,
+        length_groups=args.length_groups == "on",
     )
     data = RolloutDataModule(
         task=GSM8K(train_size=args.prompts * args.steps), batch_size=args.prompts,
         rollouts_per_problem=ROLLOUTS[args.condition], temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens, shuffle=False,
+        max_new_tokens=args.max_new_tokens, shuffle=False, sampler=args.sampler,
     )
     recorder = StepRecorder()
     feedback = [BinaryReward()] + ([] if grpo else [ReferenceSolution()])
@@ -88,7 +99,8 @@ def sdlit_worker(args) -> dict:
         limit_val_batches=0, num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=data)
-    return {"side": "sdlit", "condition": args.condition, "steps": recorder.steps, "peak_rss_mib": peak_rss_mib()}
+    return {"side": "sdlit", "condition": args.condition, "steps": recorder.steps, "peak_rss_mib": peak_rss_mib(),
+            "sampler": args.sampler, "length_groups": args.length_groups}
 
 
 class StepRecorder(Callback):
@@ -157,11 +169,11 @@ def run_process(command: list[str]) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def worker_command(args, worker: str, condition: str) -> list[str]:
+def worker_command(args, worker: str, condition: str, *extra: str) -> list[str]:
     return [sys.executable, __file__, "--worker", worker, "--condition", condition, "--steps", str(args.steps),
             "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens), "--temperature",
             str(args.temperature), "--lr", str(args.lr), "--accelerator", args.accelerator,
-            "--generation-repeats", str(args.generation_repeats)]
+            "--generation-repeats", str(args.generation_repeats)] + list(extra)
 
 
 def peer_command(args, condition: str) -> list[str]:
@@ -200,6 +212,11 @@ def report(args, results: dict) -> None:
         print("\n| side | s/step | peak RSS MiB |\n|---|---|---|")
         mine = steady([s["seconds"] for s in ours["steps"]])
         print(f"| sdlit | {mine:.2f} | {ours['peak_rss_mib']:.0f} |")
+        for name, (_, label) in ABLATIONS.items():
+            off = results.get(f"{condition}/sdlit-no-{name}")
+            if off:
+                print(f"| sdlit, {label} | {steady([s['seconds'] for s in off['steps']]):.2f} | "
+                      f"{off['peak_rss_mib']:.0f} |")
         if peer:
             theirs = steady(peer["seconds_per_step"])
             print(f"| {peer['peer']} | {theirs:.2f} | {peer['peak_rss_mib']:.0f} |")
@@ -230,6 +247,9 @@ def main(argv=None) -> None:
     for condition in args.conditions:
         started = time.perf_counter()
         results[f"{condition}/sdlit"] = run_process(worker_command(args, "sdlit", condition))
+        for name in args.ablations:
+            flags = ABLATIONS[name][0]
+            results[f"{condition}/sdlit-no-{name}"] = run_process(worker_command(args, "sdlit", condition, *flags))
         if args.peer == "trl":
             results[f"{condition}/peer"] = run_process(peer_command(args, condition))
         if args.generation_repeats:

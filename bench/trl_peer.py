@@ -198,7 +198,8 @@ DIFFERENCES = {
         "no teacher machinery",
         "advantages: TRL's group std has Bessel's correction (n-1), sdlit's is the population std; both add "
         "1e-4, so TRL advantages are about sqrt(7/8) of sdlit's for 8 rollouts",
-        "TRL repeats each prompt 8 times in the generate batch (64 rows); sdlit passes num_return_sequences=8",
+        "TRL repeats each prompt 8 times in the generate batch and prefills all 64 rows; sdlit prefills each prompt "
+        "once and repeats its KV cache (sdlit.generation)",
         "TRL scores completions with its tiled fused LM head (per-token log-probs and entropy, no [B, T, V] "
         "logits); sdlit materialises the response logits",
         "on CPU (no Triton) that fused head projects EVERY position of prompt+completion through the LM head "

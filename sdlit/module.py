@@ -58,6 +58,8 @@ class SelfDistillationModule(LightningModule):
             ``{enable_thinking: false}`` for Qwen3 (the paper: student without thinking).
         teacher_template_kwargs: Extra chat-template arguments of the teacher prompt, e.g.
             ``{enable_thinking: true}`` (the paper: teacher with thinking).
+        length_groups: Score rows of similar length together in the teacher and student passes, skipping most
+            padding (same logits; :func:`sdlit.scoring.group_by_length`); off: one padded pass per batch.
         max_consecutive_bad_steps: A step whose loss or gradients are NaN/inf is skipped (no weight or EMA
             update) and counted in ``train/skipped_steps``; after this many in a row training stops with an
             error, leaving the saved checkpoints intact (0: skip without ever stopping).
@@ -86,6 +88,7 @@ class SelfDistillationModule(LightningModule):
         student_template_kwargs: dict | None = None,
         teacher_template_kwargs: dict | None = None,
         max_consecutive_bad_steps: int = 3,
+        length_groups: bool = True,
     ):
         super().__init__()
         if objective not in ("self_distillation", "grpo", "hybrid", "sft"):
@@ -147,7 +150,7 @@ class SelfDistillationModule(LightningModule):
             with self.phase_timer.phase("teacher"):
                 teacher_logits, has_context = self._teacher_logits(rollouts)
         with self.phase_timer.phase("student"):
-            student_logits = response_logits(self.model, student)
+            student_logits = response_logits(self.model, student, self.hparams.length_groups)
         losses = {}
         if self.uses_teacher:
             distill_mask = student.response_mask & has_context.unsqueeze(1)
@@ -206,7 +209,7 @@ class SelfDistillationModule(LightningModule):
         self.truncations += truncated
         self.log("train/truncations", float(truncated), reduce_fx="sum", batch_size=len(rollouts))
         with self.teacher.weights(self.model):
-            logits = response_logits(self.model, batch)
+            logits = response_logits(self.model, batch, self.hparams.length_groups)
         return logits, has_context
 
     def _check_contexts(self, rollouts: list[Rollout], has_context: torch.Tensor) -> None:

@@ -3,6 +3,11 @@
 Rows are laid out as ``[left padding][prompt][response][right padding]``: every response then starts at the
 same column, so one forward pass with ``logits_to_keep`` returns logits for the response positions only,
 ``[B, R, V]``, aligned token by token between a student batch and a teacher batch with other prompts.
+
+Padding costs as much compute as real tokens. :func:`response_logits` therefore scores rows of similar length
+together: it splits the batch into length groups (the split that minimises padded tokens plus a fixed cost per
+extra forward pass), runs each group on only the columns it uses, and writes the logits back into the
+``[B, R, V]`` layout.
 """
 
 from __future__ import annotations
@@ -61,8 +66,68 @@ def build_scoring_batch(
     )
 
 
-def response_logits(model: PreTrainedModel, batch: ScoringBatch) -> torch.Tensor:
-    """Next-token logits at the response positions, ``[B, R, V]``: entry t predicts ``response_ids[:, t]``."""
+# What one more forward pass costs, in padded tokens: a length group must save at least this much padding
+GROUP_OVERHEAD_TOKENS = 64
+
+
+def response_logits(model: PreTrainedModel, batch: ScoringBatch, length_groups: bool = True) -> torch.Tensor:
+    """Next-token logits at the response positions, ``[B, R, V]``: entry t predicts ``response_ids[:, t]``.
+
+    With ``length_groups`` rows of similar length are scored together without most of the padding (same
+    logits; entries past a row's response are 0). Differentiable either way.
+    """
+    prompt_lengths = batch.attention_mask[:, : batch.input_ids.shape[1] - batch.response_ids.shape[1]].sum(1)
+    response_lengths = batch.response_mask.sum(1)
+    groups = group_by_length(prompt_lengths.tolist(), response_lengths.tolist()) if length_groups else []
+    if len(groups) <= 1:
+        return _response_logits(model, batch)
+    out = None
+    for rows in groups:
+        logits = _response_logits(model, _trimmed(batch, rows, int(prompt_lengths[rows].max()),
+                                                  int(response_lengths[rows].max())))
+        if out is None:
+            out = logits.new_zeros((batch.response_ids.shape[0], batch.response_ids.shape[1], logits.shape[-1]))
+        out[torch.tensor(rows, device=out.device), : logits.shape[1]] = logits
+    return out
+
+
+def group_by_length(prompt_lengths: list[int], response_lengths: list[int],
+                    overhead: int = GROUP_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Rows split into groups scored together: the split of the rows, sorted by length, that minimises the padded
+    tokens of all groups (rows x (longest prompt + longest response)) plus ``overhead`` per group."""
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (prompt_lengths[i] + response_lengths[i], i))
+    best = [0.0] + [float("inf")] * len(order)  # best[j]: cost of the first j sorted rows
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        longest_prompt = longest_response = 0
+        for i in range(j - 1, -1, -1):  # group = sorted rows i .. j-1
+            longest_prompt = max(longest_prompt, prompt_lengths[order[i]])
+            longest_response = max(longest_response, response_lengths[order[i]])
+            cost = best[i] + (j - i) * (longest_prompt + longest_response) + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(sorted(order[cut[j] : j]))
+        j = cut[j]
+    return groups[::-1]
+
+
+def _trimmed(batch: ScoringBatch, rows: list[int], prompt_width: int, response_width: int) -> ScoringBatch:
+    """The given rows on only the columns they use: their longest prompt and longest response."""
+    split = batch.input_ids.shape[1] - batch.response_ids.shape[1]
+    index = torch.tensor(rows, device=batch.input_ids.device)
+    columns = slice(split - prompt_width, split + max(1, response_width))
+    return ScoringBatch(
+        input_ids=batch.input_ids[index, columns],
+        attention_mask=batch.attention_mask[index, columns],
+        position_ids=batch.position_ids[index, columns],
+        response_ids=batch.response_ids[index, : max(1, response_width)],
+        response_mask=batch.response_mask[index, : max(1, response_width)],
+    )
+
+
+def _response_logits(model: PreTrainedModel, batch: ScoringBatch) -> torch.Tensor:
     r_width = batch.response_ids.shape[1]
     kwargs = {}
     if _accepts_logits_to_keep(model):
