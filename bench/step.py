@@ -179,7 +179,7 @@ def worker_command(args, worker: str, condition: str, *extra: str) -> list[str]:
 def peer_command(args, condition: str) -> list[str]:
     return [sys.executable, str(ROOT / "bench" / "trl_peer.py"), "--condition", condition, "--steps",
             str(args.steps), "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
-            "--temperature", str(args.temperature), "--lr", str(args.lr)]
+            "--temperature", str(args.temperature), "--lr", str(args.lr), "--accelerator", args.accelerator]
 
 
 def steady(values: list[float]) -> float:

@@ -118,7 +118,8 @@ def common_args(opts) -> dict:
     return dict(
         output_dir="/tmp/sdlit-trl-peer", max_steps=opts.steps, learning_rate=opts.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=opts.max_grad_norm, logging_steps=1, report_to="none",
-        save_strategy="no", bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0, seed=opts.seed,
+        save_strategy="no", bf16=opts.accelerator == "gpu", fp16=False, use_cpu=opts.accelerator == "cpu",
+        dataloader_num_workers=0, seed=opts.seed,
         disable_tqdm=True, max_completion_length=opts.max_new_tokens, temperature=opts.temperature, top_p=1.0,
         top_k=0, shuffle_dataset=False, gradient_accumulation_steps=1, num_iterations=1,
     )
@@ -226,6 +227,7 @@ def main() -> None:
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="0 disables clipping (Lightning's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="gpu: CUDA with bf16 mixed precision")
     opts = p.parse_args()
 
     if opts.threads > 0:
