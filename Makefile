@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/quickstart.yaml
 QUICKSTART_DIR ?= runs/quickstart
 
-.PHONY: setup quickstart test test-slow clean
+.PHONY: setup quickstart test test-slow bench-step replicate clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# Training-step throughput against TRL (bench/step.py; installs the optional `bench` extra: trl)
+bench-step: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/step.py
+
+# The paper's three-way comparison on this machine (bench/replicate.py; resumes where it stopped)
+replicate: setup
+	$(PY) bench/replicate.py
 
 clean:
 	rm -rf $(VENV) runs

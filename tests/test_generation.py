@@ -80,3 +80,25 @@ def test_sample_responses_uses_either_sampler_with_the_same_layout(model, tiny_m
     assert greedy[0] == greedy[1]
     with pytest.raises(ValueError, match="sampler"):
         sample_responses(model, tokenizer, PROMPTS, sampler="vllm")
+
+
+@pytest.mark.slow
+def test_greedy_tokens_are_the_argmax_of_a_full_forward_pass_on_the_packaged_model():
+    """SmolLM2, three GSM8K prompts of different lengths in one batch: each greedy token of sdlit's loop is
+    (within float noise) the argmax of an independent forward pass over the unpadded prompt + response."""
+    from sdlit.models import load_model, load_tokenizer
+    from sdlit.prompts import student_prompt_ids
+    from sdlit.tasks.gsm8k import GSM8K
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct").eval()
+    prompts = [student_prompt_ids(tokenizer, p.question) for p in GSM8K(train_size=3).train_problems()]
+    assert len({len(p) for p in prompts}) == 3
+    responses = sample_with_static_cache(model, prompts, {tokenizer.eos_token_id}, tokenizer.pad_token_id,
+                                         temperature=0.0, max_new_tokens=24)
+    for prompt, response in zip(prompts, responses):
+        assert len(response) > 0
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+        chosen = logits.gather(1, torch.tensor(response)[:, None]).squeeze(1)
+        assert (logits.max(dim=1).values - chosen).max() < 1e-3
