@@ -259,7 +259,8 @@ def plot(runs: dict, path: Path) -> None:
         steps = sorted(set.intersection(*[{e["step"] for e in c} for c in group]))
         mean = [sum(next(e["avg"] for e in c if e["step"] == s) for c in group) / len(group) * 100 for s in steps]
         ax.plot(steps, mean, color=colors[condition], linewidth=2.2, marker="o", label=LABELS[condition])
-    ax.set_xlabel("training step (optimizer steps of 8 problems)")
+    batch = yaml.safe_load((CONFIGS / "grpo.yaml").read_text())["data"]["init_args"]["batch_size"]
+    ax.set_xlabel(f"training step (optimizer steps of {batch} problems)")
     ax.set_ylabel("held-out Avg@12 (%)")
     ax.set_title("SmolLM2-135M, warm-started on arith: held-out Avg@12")
     ax.grid(alpha=0.3)
