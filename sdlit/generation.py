@@ -54,10 +54,11 @@ def sample_with_static_cache(
     batch, width = input_ids.shape
     total = width + max_new_tokens
     cache = StaticCache(config=model.config, max_cache_len=total)
+    cache_argument = _cache_argument(model)  # looked up once, not at every decoded token
     attention = torch.zeros((batch, total), dtype=torch.long, device=device)
     attention[:, :width] = mask
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = _forward(model, cache, input_ids, attention[:, :width], positions)
+    logits = _forward(model, cache_argument, cache, input_ids, attention[:, :width], positions)
 
     rows = torch.arange(batch, device=device).repeat_interleave(n)  # prompt of each sampled row
     if n > 1:
@@ -84,12 +85,13 @@ def sample_with_static_cache(
             alive, tokens, next_position = alive[keep], tokens[keep], next_position[keep]
             attention, finished = attention[keep], finished[keep]
         attention[:, width + t] = 1
-        logits = _forward(model, cache, tokens[:, None], attention[:, : width + t + 1], next_position[:, None])
+        logits = _forward(model, cache_argument, cache, tokens[:, None], attention[:, : width + t + 1],
+                          next_position[:, None])
         next_position = next_position + 1
     return [out[i, : lengths[i]].tolist() for i in range(batch * n)]
 
 
-def _forward(model, cache, input_ids, attention_mask, position_ids) -> torch.Tensor:
+def _forward(model, cache_argument, cache, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """Logits of the last position, [B, V], appending the new keys and values to ``cache``."""
     output = model(
         input_ids=input_ids,
@@ -97,7 +99,7 @@ def _forward(model, cache, input_ids, attention_mask, position_ids) -> torch.Ten
         position_ids=position_ids,
         use_cache=True,
         logits_to_keep=1,
-        **{_cache_argument(model): cache},
+        **{cache_argument: cache},
     )
     return output.logits[:, -1]
 

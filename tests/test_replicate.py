@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import load_bench_script
 
 from sdlit.callbacks.evaluation import SAMPLE_COLUMNS
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def replicate():
-    spec = importlib.util.spec_from_file_location("replicate", ROOT / "bench" / "replicate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("replicate")
 
 
 def write_samples(path: Path, step: int, table: list[list[tuple[str, bool, int]]], gold: str = "7") -> None:
