@@ -9,7 +9,9 @@ takes a ``StaticCache``:
   concatenates, i.e. copies, the whole cache at every decoded token);
 - **drops finished rows** from the batch (and the cache) as soon as a quarter of the live rows have ended, so
   short answers stop costing compute while long ones finish;
-- computes logits for the last position only and samples in fp32 (temperature, nucleus ``top_p``).
+- computes logits for the last position only and samples in fp32 (temperature, nucleus ``top_p``);
+- runs every linear layer on a LoRA-merged and, on CPU, oneDNN-packed copy of its weight
+  (:mod:`sdlit.decoding_linears`): a decode step is a few rows times every weight, where both pay.
 
 Models whose forward takes no ``StaticCache`` fall back to ``generate`` (see :func:`supports_static_cache`).
 """
@@ -20,6 +22,8 @@ import inspect
 
 import torch
 from transformers import PreTrainedModel
+
+from sdlit.decoding_linears import decoding_linears
 
 
 def supports_static_cache(model: PreTrainedModel) -> bool:
@@ -41,12 +45,21 @@ def sample_with_static_cache(
     top_p: float = 1.0,
     max_new_tokens: int = 256,
     compact_fraction: float = 0.25,
+    fast_linears: bool = True,
 ) -> list[list[int]]:
     """Sample ``n`` responses per prompt; returns ``n * len(prompts)`` id lists, all n of prompt 0 first.
 
     Each response is cut after its first EOS, which is kept. ``temperature == 0`` decodes greedily. Rows that
     have ended are removed from the batch once they make up ``compact_fraction`` of the live rows (0: at once).
+    ``fast_linears``: decode on merged, packed linear weights (:func:`sdlit.decoding_linears.decoding_linears`).
     """
+    if not fast_linears:
+        return _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_tokens, compact_fraction)
+    with decoding_linears(model, rows=len(prompts) * n):
+        return _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_tokens, compact_fraction)
+
+
+def _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_tokens, compact_fraction):
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -72,7 +85,7 @@ def sample_with_static_cache(
     finished = torch.zeros(batch * n, dtype=torch.bool, device=device)
 
     for t in range(max_new_tokens):
-        tokens = _sample(logits, temperature, top_p)
+        tokens = _next_tokens(logits, temperature, top_p)
         out[alive, t] = tokens
         ended = torch.isin(tokens, eos) & ~finished
         lengths[alive[ended]] = t + 1
@@ -104,14 +117,27 @@ def _forward(model, cache_argument, cache, input_ids, attention_mask, position_i
     return output.logits[:, -1]
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """One token per row: greedy at temperature 0, else from softmax(logits / temperature) within ``top_p``."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         probs = _nucleus(probs, top_p)
-    return torch.multinomial(probs, 1).squeeze(1)
+    return sample_categorical(probs)
+
+
+def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``probs`` ([B, V], rows need not sum to 1), drawn with probability ``probs / row sum``.
+
+    Inverse-CDF sampling: one uniform number per row against the fp64 running sum. Same distribution as
+    ``torch.multinomial(probs, 1)``, which draws an exponential number for every entry (~10 ms per decode step
+    at 8 x 49152 on a 2-core CPU, against ~0.4 ms here). Zero-probability entries are never drawn.
+    """
+    cumulative = probs.double().cumsum(dim=-1)
+    uniform = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device) * cumulative[:, -1:]
+    index = torch.searchsorted(cumulative, uniform, right=True)  # first entry whose running sum exceeds u
+    return index.squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
