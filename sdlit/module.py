@@ -14,10 +14,12 @@ from sdlit.checkpointing import capture_rng_states, plain_values, restore_rng_st
 from sdlit.guard import StepGuard
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
 from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, load_model, load_tokenizer
-from sdlit.objectives import distillation_loss, grpo_loss, group_advantages, sft_loss, token_advantages
+from sdlit.objectives import distillation_loss, fused_distillation_loss, grpo_loss, group_advantages, sft_loss, token_advantages
 from sdlit.prompts import teacher_prompt_ids
 from sdlit.rollout import Rollout
-from sdlit.scoring import ScoringBatch, build_scoring_batch, response_logits, token_logprobs
+from sdlit.kernels import fused_linear_logprobs
+from sdlit.scoring import ScoringBatch, build_scoring_batch, output_head_weight, response_hidden, response_logits
+from sdlit.scoring import token_logprobs
 from sdlit.teacher import TeacherMode, TeacherWeights
 from sdlit.timing import PhaseTimer
 
@@ -60,6 +62,13 @@ class SelfDistillationModule(LightningModule):
             ``{enable_thinking: true}`` (the paper: teacher with thinking).
         length_groups: Score rows of similar length together in the teacher and student passes, skipping most
             padding (same logits; :func:`sdlit.scoring.group_by_length`); off: one padded pass per batch.
+        fused_output_head: Apply the output head inside the losses, in chunks of rows, so that the batch's
+            ``[B, R, V]`` response logits (and their gradient) never exist (:mod:`sdlit.kernels`); the same loss
+            and gradients. ``null`` (auto): only when those logits would take more than
+            ``FUSED_HEAD_MIN_BYTES`` (1 GiB in fp32), e.g. GRPO's 64 rollouts x 128 tokens x 49k vocabulary, since
+            with a teacher it costs two more output-head products per step for the logged advantages. Models
+            whose logits are not exactly final hidden state x head (soft-capping, scaling), and a trained head
+            with a ``base`` or ``ema`` teacher (two different heads), always use logits.
         max_consecutive_bad_steps: A step whose loss or gradients are NaN/inf is skipped (no weight or EMA
             update) and counted in ``train/skipped_steps``; after this many in a row training stops with an
             error, leaving the saved checkpoints intact (0: skip without ever stopping).
@@ -89,6 +98,7 @@ class SelfDistillationModule(LightningModule):
         teacher_template_kwargs: dict | None = None,
         max_consecutive_bad_steps: int = 3,
         length_groups: bool = True,
+        fused_output_head: bool | None = None,
     ):
         super().__init__()
         if objective not in ("self_distillation", "grpo", "hybrid", "sft"):
@@ -107,6 +117,7 @@ class SelfDistillationModule(LightningModule):
         self.guard = StepGuard(max_consecutive_bad_steps)
         self._rng_to_restore: dict | None = None  # random state of a resumed checkpoint, put back at train start
         self.phase_timer = PhaseTimer()  # rollout/feedback (datamodule), teacher/student (training_step)
+        self.head_is_linear = False  # logits == final hidden @ head.T, checked once in configure_model
 
     # ---- model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -119,6 +130,10 @@ class SelfDistillationModule(LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = add_lora(model, self.lora) if self.lora is not None else model
         self.model.train()  # from_pretrained returns eval mode; Lightning switches modes per loop
+        self.head_is_linear = output_head_weight(self.model) is not None
+        if hp.fused_output_head and not self.head_is_linear:
+            log.warning("fused_output_head: the logits of %s are not final hidden state x output head; "
+                        "the losses use the logits", hp.model)
 
     @property
     def uses_teacher(self) -> bool:
@@ -145,32 +160,58 @@ class SelfDistillationModule(LightningModule):
     def training_step(self, rollouts: list[Rollout], batch_idx: int) -> torch.Tensor:
         """One optimizer step on a batch of feedback-annotated rollouts."""
         student = self._student_batch(rollouts)
-        teacher_logits, has_context = None, None
+        fused = self.uses_fused_head(student)
+        score = response_hidden if fused else response_logits  # [B, R, H] states or [B, R, V] logits
+        teacher_out, has_context = None, None
         if self.uses_teacher:  # before the student pass: swapping teacher weights must precede its graph
             with self.phase_timer.phase("teacher"):
-                teacher_logits, has_context = self._teacher_logits(rollouts)
+                teacher_out, has_context = self._teacher_outputs(rollouts, score)
         with self.phase_timer.phase("student"):
-            student_logits = response_logits(self.model, student, self.hparams.length_groups)
+            student_out = score(self.model, student, self.hparams.length_groups)
         losses = {}
         if self.uses_teacher:
             distill_mask = student.response_mask & has_context.unsqueeze(1)
-            losses["distill"] = distillation_loss(
-                student_logits,
-                teacher_logits,
-                distill_mask,
-                kind=self.hparams.divergence,
-                beta=self.hparams.jsd_beta,
-                temperature=self.hparams.distill_temperature,
-            )
-            self._log_advantages(student_logits, teacher_logits, student, distill_mask)
+            settings = dict(kind=self.hparams.divergence, beta=self.hparams.jsd_beta,
+                            temperature=self.hparams.distill_temperature)
+            if fused:
+                losses["distill"] = fused_distillation_loss(student_out, teacher_out, self.output_head(),
+                                                            distill_mask, **settings)
+            else:
+                losses["distill"] = distillation_loss(student_out, teacher_out, distill_mask, **settings)
+            self._log_advantages(student_out, teacher_out, student, distill_mask, fused)
         if self.uses_reward:
-            losses["grpo"] = self._grpo_loss(rollouts, student_logits, student)
+            losses["grpo"] = self._grpo_loss(rollouts, self._token_logprobs(student_out, student, fused), student)
         if self.hparams.objective == "sft":
-            losses["sft"] = sft_loss(token_logprobs(student_logits, student.response_ids), student.response_mask)
+            losses["sft"] = sft_loss(self._token_logprobs(student_out, student, fused), student.response_mask)
         loss = self._combine(losses)
         self._log_step(rollouts, student, loss, losses)
         self._log_phase_times(student, len(rollouts))
         return loss
+
+    # Response logits at least this big (fp32 bytes) are never made when fused_output_head is auto (None)
+    FUSED_HEAD_MIN_BYTES = 2**30
+
+    def uses_fused_head(self, batch: ScoringBatch) -> bool:
+        """Whether this batch's losses apply the output head themselves (see ``fused_output_head``)."""
+        if not self.head_is_linear or self.hparams.fused_output_head is False:
+            return False
+        if self.uses_teacher and self.teacher.mode != "current" and self.output_head().requires_grad:
+            return False  # a trained head: the teacher's head is another weight (base snapshot or EMA)
+        if self.hparams.fused_output_head:
+            return True
+        logits_bytes = 4 * batch.response_ids.numel() * self.output_head().shape[0]
+        return logits_bytes >= self.FUSED_HEAD_MIN_BYTES
+
+    def output_head(self) -> torch.Tensor:
+        """The output head's weight, [V, H]."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.get_output_embeddings().weight
+
+    def _token_logprobs(self, outputs: torch.Tensor, batch: ScoringBatch, fused: bool) -> torch.Tensor:
+        """[B, R] log-probs of the response tokens from logits, or from hidden states and the head (``fused``)."""
+        if fused:
+            return fused_linear_logprobs(outputs, self.output_head(), batch.response_ids, batch.response_mask)
+        return token_logprobs(outputs, batch.response_ids)
 
     def _student_batch(self, rollouts: list[Rollout]) -> ScoringBatch:
         return build_scoring_batch(
@@ -203,14 +244,15 @@ class SelfDistillationModule(LightningModule):
         return batch, torch.tensor(has_context, device=self.device), truncated
 
     @torch.no_grad()
-    def _teacher_logits(self, rollouts: list[Rollout]):
+    def _teacher_outputs(self, rollouts: list[Rollout], score=response_logits):
+        """The teacher's ``score`` (response logits or hidden states) and which rollouts have a context."""
         batch, has_context, truncated = self.teacher_batch(rollouts)
         self._check_contexts(rollouts, has_context)
         self.truncations += truncated
         self.log("train/truncations", float(truncated), reduce_fx="sum", batch_size=len(rollouts))
         with self.teacher.weights(self.model):
-            logits = response_logits(self.model, batch, self.hparams.length_groups)
-        return logits, has_context
+            outputs = score(self.model, batch, self.hparams.length_groups)
+        return outputs, has_context
 
     def _check_contexts(self, rollouts: list[Rollout], has_context: torch.Tensor) -> None:
         """Self-distillation without any teacher context would train on nothing: say so."""
@@ -222,7 +264,7 @@ class SelfDistillationModule(LightningModule):
                 "or a 'context' field to offline data"
             )
 
-    def _grpo_loss(self, rollouts: list[Rollout], logits: torch.Tensor, batch: ScoringBatch) -> torch.Tensor:
+    def _grpo_loss(self, rollouts: list[Rollout], logprobs: torch.Tensor, batch: ScoringBatch) -> torch.Tensor:
         if any(r.reward is None for r in rollouts):
             raise ValueError(
                 f"objective {self.hparams.objective!r} needs a reward on every rollout: add the BinaryReward "
@@ -230,7 +272,6 @@ class SelfDistillationModule(LightningModule):
             )
         rewards = torch.tensor([r.reward for r in rollouts], device=self.device)
         groups = torch.tensor([r.group for r in rollouts], device=self.device)
-        logprobs = token_logprobs(logits, batch.response_ids)
         old = self._old_logprobs(rollouts, logprobs)
         return grpo_loss(logprobs, old, group_advantages(rewards, groups), batch.response_mask, self.hparams.grpo_clip)
 
@@ -253,9 +294,9 @@ class SelfDistillationModule(LightningModule):
     last_token_logprobs: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def _log_advantages(self, student_logits, teacher_logits, batch: ScoringBatch, mask: torch.Tensor) -> None:
-        teacher = token_logprobs(teacher_logits, batch.response_ids)
-        student = token_logprobs(student_logits, batch.response_ids)
+    def _log_advantages(self, student_out, teacher_out, batch: ScoringBatch, mask: torch.Tensor, fused: bool) -> None:
+        teacher = self._token_logprobs(teacher_out, batch, fused)
+        student = self._token_logprobs(student_out.detach(), batch, fused)
         # kept for callbacks (TokenAdvantageLogger) so that they need no forward pass of their own
         self.last_token_logprobs = {"teacher": teacher, "student": student, "mask": mask.detach()}
         advantages = token_advantages(teacher, student)

@@ -1,14 +1,15 @@
 """Training objectives: self-distillation, GRPO, their hybrid and supervised fine-tuning, on response-aligned logits.
 
 All functions take logits already restricted to the response positions (``[B, R, V]``, see
-:mod:`sdlit.scoring`) and a ``[B, R]`` mask of real response tokens, and average over those tokens.
+:mod:`sdlit.scoring`) and a ``[B, R]`` mask of real response tokens, and average over those tokens;
+:func:`fused_distillation_loss` takes the final hidden states and the output head weight instead.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sdlit.kernels import per_token_divergence
+from sdlit.kernels import fused_linear_divergence, per_token_divergence
 
 
 def distillation_loss(
@@ -22,6 +23,23 @@ def distillation_loss(
     """Mean per-token divergence between teacher and student next-token distributions over masked tokens."""
     per_token = per_token_divergence(
         student_logits, teacher_logits.detach(), mask, kind=kind, beta=beta, temperature=temperature
+    )
+    return per_token.sum() / mask.sum().clamp(min=1)
+
+
+def fused_distillation_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """:func:`distillation_loss` of the logits ``hidden @ weight.T`` ([B, R, H] states, [V, H] output head), computed
+    in chunks of rows without the [B, R, V] logits (:func:`sdlit.kernels.fused_linear_divergence`)."""
+    per_token = fused_linear_divergence(
+        student_hidden, teacher_hidden.detach(), weight, mask, kind=kind, beta=beta, temperature=temperature
     )
     return per_token.sum() / mask.sum().clamp(min=1)
 

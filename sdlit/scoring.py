@@ -8,6 +8,10 @@ Padding costs as much compute as real tokens. :func:`response_logits` therefore 
 together: it splits the batch into length groups (the split that minimises padded tokens plus a fixed cost per
 extra forward pass), runs each group on only the columns it uses, and writes the logits back into the
 ``[B, R, V]`` layout.
+
+:func:`response_hidden` gives the final hidden states at the same positions, ``[B, R, H]``, for losses that apply
+the output head themselves in chunks of rows (:mod:`sdlit.kernels`), so that the ``[B, R, V]`` logits never exist;
+:func:`output_head_weight` says whether a model's logits are exactly that product.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 
@@ -76,18 +81,52 @@ def response_logits(model: PreTrainedModel, batch: ScoringBatch, length_groups: 
     With ``length_groups`` rows of similar length are scored together without most of the padding (same
     logits; entries past a row's response are 0). Differentiable either way.
     """
+    return _grouped(_response_logits, model, batch, length_groups)
+
+
+def response_hidden(model: PreTrainedModel, batch: ScoringBatch, length_groups: bool = True) -> torch.Tensor:
+    """Final hidden states (the output head's input) at the response positions, ``[B, R, H]``: entry t is the
+    state that predicts ``response_ids[:, t]``. Length groups and gradients as in :func:`response_logits`."""
+    return _grouped(_response_hidden, model, batch, length_groups)
+
+
+def output_head_weight(model: PreTrainedModel) -> torch.Tensor | None:
+    """The output head's weight ``W`` when the model's logits are exactly ``final hidden @ W.T``, else None.
+
+    Checked once by running the model both ways on a short probe (eval mode): models that scale or soft-cap their
+    logits, heads with a bias or an adapter, and models without ``get_decoder`` give None.
+    """
+    base = _base(model)
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or not hasattr(base, "get_decoder"):
+        return None
+    device = head.weight.device
+    probe = torch.arange(3, 11, device=device).remainder(head.weight.shape[0])[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=probe, use_cache=False).logits.float()
+            product = head(base.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state).float()
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 * max(1.0, float(logits.abs().max()))
+    return head.weight if torch.allclose(product, logits, rtol=0, atol=tolerance) else None
+
+
+def _grouped(score, model, batch: ScoringBatch, length_groups: bool) -> torch.Tensor:
+    """``score(model, batch)`` ([B, R, D]) run per length group and put back in the batch's layout."""
     prompt_lengths = batch.attention_mask[:, : batch.input_ids.shape[1] - batch.response_ids.shape[1]].sum(1)
     response_lengths = batch.response_mask.sum(1)
     groups = group_by_length(prompt_lengths.tolist(), response_lengths.tolist()) if length_groups else []
     if len(groups) <= 1:
-        return _response_logits(model, batch)
+        return score(model, batch)
     out = None
     for rows in groups:
-        logits = _response_logits(model, _trimmed(batch, rows, int(prompt_lengths[rows].max()),
-                                                  int(response_lengths[rows].max())))
+        part = score(model, _trimmed(batch, rows, int(prompt_lengths[rows].max()), int(response_lengths[rows].max())))
         if out is None:
-            out = logits.new_zeros((batch.response_ids.shape[0], batch.response_ids.shape[1], logits.shape[-1]))
-        out[torch.tensor(rows, device=out.device), : logits.shape[1]] = logits
+            out = part.new_zeros((batch.response_ids.shape[0], batch.response_ids.shape[1], part.shape[-1]))
+        out[torch.tensor(rows, device=out.device), : part.shape[1]] = part
     return out
 
 
@@ -142,6 +181,17 @@ def _response_logits(model: PreTrainedModel, batch: ScoringBatch) -> torch.Tenso
     return out.logits[:, -(r_width + 1) : -1]
 
 
+def _response_hidden(model: PreTrainedModel, batch: ScoringBatch) -> torch.Tensor:
+    r_width = batch.response_ids.shape[1]
+    out = _base(model).get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, -(r_width + 1) : -1]
+
+
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability (fp32) of each given token under ``logits / temperature``: ``[B, R]``."""
     scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
@@ -149,6 +199,10 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: f
     return scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     return "logits_to_keep" in inspect.signature(base.forward).parameters
