@@ -39,6 +39,8 @@ ROLLOUTS = {"reference": 1, "grpo": 8}
 ABLATIONS = {  # speed-up -> (worker flags that turn it off, label)
     "length_groups": (["--length-groups", "off"], "one padded pass (no length groups)"),
     "sampler": (["--sampler", "generate"], "plain generate (no static-cache sampler)"),
+    "fused_head": (["--fused-output-head", "off"], "logits path (no fused output head)"),
+    "logits_head": (["--fused-output-head", "on"], "fused output head forced on"),
 }
 
 
@@ -53,11 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer", choices=["trl", "none"], default="trl")
     p.add_argument("--generation-repeats", type=int, default=2, help="timed sampler/generate pairs (0: skip)")
     p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--ablations", nargs="*", default=["length_groups"], choices=["length_groups", "sampler"],
-                   help="also run sdlit with each of these speed-ups off (sampler: plain generate)")
+    p.add_argument("--ablations", nargs="*", default=["length_groups"], choices=list(ABLATIONS),
+                   help="also run sdlit with one setting changed: length_groups off, sampler: plain generate, "
+                        "fused_head: losses from logits, logits_head: fused output head forced on")
     p.add_argument("--json", default=None, help="also write every result to this file")
     p.add_argument("--sampler", choices=["static_cache", "generate"], default="static_cache", help=argparse.SUPPRESS)
     p.add_argument("--length-groups", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
+    p.add_argument("--fused-output-head", choices=["auto", "on", "off"], default="auto", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["sdlit", "generation"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--condition", choices=list(ROLLOUTS), default="reference", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -84,6 +88,7 @@ def sdlit_worker(args) -> dict:
         lora=LoraSettings(r=16, alpha=32), teacher="base", objective="grpo" if grpo else "self_distillation",
         divergence="forward_kl", learning_rate=args.lr, gradient_checkpointing=grpo,
         length_groups=args.length_groups == "on",
+        fused_output_head={"auto": None, "on": True, "off": False}[args.fused_output_head],
     )
     data = RolloutDataModule(
         task=GSM8K(train_size=args.prompts * args.steps), batch_size=args.prompts,
@@ -100,7 +105,8 @@ def sdlit_worker(args) -> dict:
     )
     trainer.fit(module, datamodule=data)
     return {"side": "sdlit", "condition": args.condition, "steps": recorder.steps, "peak_rss_mib": peak_rss_mib(),
-            "sampler": args.sampler, "length_groups": args.length_groups}
+            "sampler": args.sampler, "length_groups": args.length_groups,
+            "fused_output_head": args.fused_output_head}
 
 
 class StepRecorder(Callback):
@@ -134,24 +140,30 @@ def generation_worker(args) -> dict:
 
     from sdlit.models import LoraSettings, add_lora, load_model, load_tokenizer
     from sdlit.prompts import student_prompt_ids
-    from sdlit.rollout import sample_responses
+    from sdlit.generation import sample_with_static_cache
+    from sdlit.rollout import _eos_ids, sample_responses
     from sdlit.tasks.gsm8k import GSM8K
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     dtype = "bfloat16" if args.accelerator == "gpu" else None
-    model = add_lora(load_model("smollm2-135m-instruct", dtype), LoraSettings(r=16, alpha=32))
+    model = add_lora(load_model("smollm2-135m-instruct", dtype), LoraSettings(r=16, alpha=32)).eval()
     if args.accelerator == "gpu":
         model = model.cuda()
     problems = GSM8K(train_size=args.prompts).train_problems()
     prompts = [student_prompt_ids(tokenizer, p.question) for p in problems]
     n = ROLLOUTS[args.condition]
-    runs = {"generate": [], "static_cache": []}
+    runs = {"generate": [], "static_cache": [], "static_cache_plain_linears": []}
     for repeat in range(args.generation_repeats):
-        for sampler in ("generate", "static_cache"):
+        for sampler in runs:
             torch.manual_seed(repeat)
             start = time.perf_counter()
-            out = sample_responses(model, tokenizer, prompts, n=n, temperature=args.temperature,
-                                   max_new_tokens=args.max_new_tokens, sampler=sampler)
+            if sampler == "static_cache_plain_linears":  # the sampler with the model's own (LoRA, unpacked) linears
+                out = sample_with_static_cache(model, prompts, _eos_ids(model, tokenizer), tokenizer.pad_token_id,
+                                               n=n, temperature=args.temperature,
+                                               max_new_tokens=args.max_new_tokens, fast_linears=False)
+            else:
+                out = sample_responses(model, tokenizer, prompts, n=n, temperature=args.temperature,
+                                       max_new_tokens=args.max_new_tokens, sampler=sampler)
             if args.accelerator == "gpu":
                 torch.cuda.synchronize()
             runs[sampler].append({"seconds": time.perf_counter() - start, "tokens": sum(len(r) for r in out)})
@@ -225,6 +237,10 @@ def report(args, results: dict) -> None:
             rates = {k: sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v) for k, v in gen["runs"].items()}
             print(f"\nrollout generation, {gen['rows']} rows: plain generate {rates['generate']:.1f} tokens/s, "
                   f"sdlit sampler {rates['static_cache']:.1f} tokens/s: **{rates['static_cache'] / rates['generate']:.2f}x**")
+            if "static_cache_plain_linears" in rates:
+                plain = rates["static_cache_plain_linears"]
+                print(f"(sdlit sampler on the model's own LoRA linears, not merged and packed: {plain:.1f} tokens/s, "
+                      f"{plain / rates['generate']:.2f}x)")
 
 
 def machine(accelerator: str) -> str:
