@@ -24,11 +24,12 @@ import torch
 from transformers import PreTrainedModel
 
 from sdlit.decoding_linears import decoding_linears
+from sdlit.models import base_model
 
 
 def supports_static_cache(model: PreTrainedModel) -> bool:
     """Whether ``model`` can decode with :func:`sample_with_static_cache` (a causal LM taking a static cache)."""
-    base = _base(model)
+    base = base_model(model)
     if not getattr(base, "_can_compile_fullgraph", getattr(base, "_supports_static_cache", False)):
         return False
     return _cache_argument(model) is not None
@@ -160,13 +161,9 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "c
     return ids.to(device), mask.to(device)
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _cache_argument(model) -> str | None:
     """The name under which the model's forward takes its KV cache (``cache`` in newer transformers)."""
-    params = inspect.signature(_base(model).forward).parameters
+    params = inspect.signature(base_model(model).forward).parameters
     for name in ("cache", "past_key_values"):
         if name in params:
             return name

@@ -118,6 +118,11 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings):
     return get_peft_model(model, config)
 
 
+def base_model(model):
+    """The Hugging Face model under a peft wrapper (LoRA layers stay injected in it), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _load_error(name: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"cannot load model {name!r}: it is not a packaged alias ({', '.join(PACKAGED_ALIASES)}), "

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from sdlit.checkpointing import capture_rng_states, plain_values, restore_rng_states
 from sdlit.guard import StepGuard
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
-from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, load_model, load_tokenizer
+from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, base_model, load_model, load_tokenizer
 from sdlit.objectives import distillation_loss, fused_distillation_loss, grpo_loss, group_advantages, sft_loss, token_advantages
 from sdlit.prompts import teacher_prompt_ids
 from sdlit.rollout import Rollout
@@ -204,8 +204,7 @@ class SelfDistillationModule(LightningModule):
 
     def output_head(self) -> torch.Tensor:
         """The output head's weight, [V, H]."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return base.get_output_embeddings().weight
+        return base_model(self.model).get_output_embeddings().weight
 
     def _token_logprobs(self, outputs: torch.Tensor, batch: ScoringBatch, fused: bool) -> torch.Tensor:
         """[B, R] log-probs of the response tokens from logits, or from hidden states and the head (``fused``)."""

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from sdlit.models import base_model
+
 
 @dataclass
 class ScoringBatch:
@@ -96,7 +98,7 @@ def output_head_weight(model: PreTrainedModel) -> torch.Tensor | None:
     Checked once by running the model both ways on a short probe (eval mode): models that scale or soft-cap their
     logits, heads with a bias or an adapter, and models without ``get_decoder`` give None.
     """
-    base = _base(model)
+    base = base_model(model)
     head = base.get_output_embeddings()
     if type(head) is not nn.Linear or head.bias is not None or not hasattr(base, "get_decoder"):
         return None
@@ -183,7 +185,7 @@ def _response_logits(model: PreTrainedModel, batch: ScoringBatch) -> torch.Tenso
 
 def _response_hidden(model: PreTrainedModel, batch: ScoringBatch) -> torch.Tensor:
     r_width = batch.response_ids.shape[1]
-    out = _base(model).get_decoder()(
+    out = base_model(model).get_decoder()(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
@@ -199,10 +201,6 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: f
     return scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
-    base = _base(model)
+    base = base_model(model)
     return "logits_to_keep" in inspect.signature(base.forward).parameters
