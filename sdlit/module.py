@@ -14,7 +14,7 @@ from sdlit.checkpointing import capture_rng_states, plain_values, restore_rng_st
 from sdlit.guard import StepGuard
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
 from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, base_model, load_model, load_tokenizer
-from sdlit.objectives import distillation_loss, fused_distillation_loss, grpo_loss, group_advantages, sft_loss, token_advantages
+from sdlit.objectives import distillation_loss, grpo_loss, group_advantages, sft_loss, token_advantages
 from sdlit.prompts import teacher_prompt_ids
 from sdlit.rollout import Rollout
 from sdlit.kernels import fused_linear_logprobs
@@ -171,13 +171,15 @@ class SelfDistillationModule(LightningModule):
         losses = {}
         if self.uses_teacher:
             distill_mask = student.response_mask & has_context.unsqueeze(1)
-            settings = dict(kind=self.hparams.divergence, beta=self.hparams.jsd_beta,
-                            temperature=self.hparams.distill_temperature)
-            if fused:
-                losses["distill"] = fused_distillation_loss(student_out, teacher_out, self.output_head(),
-                                                            distill_mask, **settings)
-            else:
-                losses["distill"] = distillation_loss(student_out, teacher_out, distill_mask, **settings)
+            losses["distill"] = distillation_loss(
+                student_out,
+                teacher_out,
+                distill_mask,
+                kind=self.hparams.divergence,
+                beta=self.hparams.jsd_beta,
+                temperature=self.hparams.distill_temperature,
+                output_head=self.output_head() if fused else None,  # fused: the outputs are hidden states
+            )
             self._log_advantages(student_out, teacher_out, student, distill_mask, fused)
         if self.uses_reward:
             losses["grpo"] = self._grpo_loss(rollouts, self._token_logprobs(student_out, student, fused), student)

@@ -2,7 +2,7 @@
 
 All functions take logits already restricted to the response positions (``[B, R, V]``, see
 :mod:`sdlit.scoring`) and a ``[B, R]`` mask of real response tokens, and average over those tokens;
-:func:`fused_distillation_loss` takes the final hidden states and the output head weight instead.
+:func:`distillation_loss` takes the final hidden states and the output head weight instead when given the head.
 """
 
 from __future__ import annotations
@@ -19,28 +19,19 @@ def distillation_loss(
     kind: str = "forward_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    output_head: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean per-token divergence between teacher and student next-token distributions over masked tokens."""
-    per_token = per_token_divergence(
-        student_logits, teacher_logits.detach(), mask, kind=kind, beta=beta, temperature=temperature
-    )
-    return per_token.sum() / mask.sum().clamp(min=1)
+    """Mean per-token divergence between teacher and student next-token distributions over masked tokens.
 
-
-def fused_distillation_loss(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    mask: torch.Tensor,
-    kind: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """:func:`distillation_loss` of the logits ``hidden @ weight.T`` ([B, R, H] states, [V, H] output head), computed
-    in chunks of rows without the [B, R, V] logits (:func:`sdlit.kernels.fused_linear_divergence`)."""
-    per_token = fused_linear_divergence(
-        student_hidden, teacher_hidden.detach(), weight, mask, kind=kind, beta=beta, temperature=temperature
-    )
+    With ``output_head`` ([V, H]) the first two arguments are final hidden states ([B, R, H]) and the logits are
+    ``hidden @ output_head.T``, applied in chunks of rows without the [B, R, V] logits
+    (:func:`sdlit.kernels.fused_linear_divergence`).
+    """
+    settings = dict(kind=kind, beta=beta, temperature=temperature)
+    if output_head is None:
+        per_token = per_token_divergence(student_logits, teacher_logits.detach(), mask, **settings)
+    else:
+        per_token = fused_linear_divergence(student_logits, teacher_logits.detach(), output_head, mask, **settings)
     return per_token.sum() / mask.sum().clamp(min=1)
 
 
