@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import sdlit  # noqa: F401  (before torch: sdlit puts large CPU tensors on huge pages, see sdlit/__init__.py)
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,7 @@ ABLATIONS = {  # speed-up -> (worker flags that turn it off, label)
     "sampler": (["--sampler", "generate"], "plain generate (no static-cache sampler)"),
     "fused_head": (["--fused-output-head", "off"], "logits path (no fused output head)"),
     "logits_head": (["--fused-output-head", "on"], "fused output head forced on"),
+    "huge_pages": (["--huge-pages", "off"], "glibc heap for large tensors (THP_MEM_ALLOC_ENABLE=0)"),
 }
 
 
@@ -57,11 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--ablations", nargs="*", default=["length_groups"], choices=list(ABLATIONS),
                    help="also run sdlit with one setting changed: length_groups off, sampler: plain generate, "
-                        "fused_head: losses from logits, logits_head: fused output head forced on")
+                        "fused_head: losses from logits, logits_head: fused output head forced on, "
+                        "huge_pages: large CPU tensors on the glibc heap instead of transparent huge pages")
     p.add_argument("--json", default=None, help="also write every result to this file")
     p.add_argument("--sampler", choices=["static_cache", "generate"], default="static_cache", help=argparse.SUPPRESS)
     p.add_argument("--length-groups", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     p.add_argument("--fused-output-head", choices=["auto", "on", "off"], default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--huge-pages", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["sdlit", "generation"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--condition", choices=list(ROLLOUTS), default="reference", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -70,6 +74,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- workers (each in its own process) -----------------------------------------------------------------------
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def huge_pages_in_use() -> bool:
+    """Whether this process has memory on transparent huge pages (Linux; False elsewhere)."""
+    try:
+        rollup = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return False
+    return any(line.startswith("AnonHugePages:") and int(line.split()[1]) > 0 for line in rollup.splitlines())
 
 
 def sdlit_worker(args) -> dict:
@@ -106,7 +119,7 @@ def sdlit_worker(args) -> dict:
     trainer.fit(module, datamodule=data)
     return {"side": "sdlit", "condition": args.condition, "steps": recorder.steps, "peak_rss_mib": peak_rss_mib(),
             "sampler": args.sampler, "length_groups": args.length_groups,
-            "fused_output_head": args.fused_output_head}
+            "fused_output_head": args.fused_output_head, "huge_pages": huge_pages_in_use()}
 
 
 class StepRecorder(Callback):
@@ -174,6 +187,8 @@ def generation_worker(args) -> dict:
 def run_process(command: list[str]) -> dict:
     """Run a worker process and return the JSON of its ``RESULT`` line (its log goes to stderr)."""
     env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+    if "--huge-pages" in command:  # torch reads it at its first allocation: it must be in the worker's environment
+        env["THP_MEM_ALLOC_ENABLE"] = "1" if command[command.index("--huge-pages") + 1] == "on" else "0"
     proc = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -4,7 +4,9 @@ Plain ``model.generate`` spends time that rollouts do not need. This loop, for a
 takes a ``StaticCache``:
 
 - **prefills each prompt once**, then repeats its cache ``n`` times (``generate`` with
-  ``num_return_sequences=n`` prefills every prompt n times: for GRPO's n=8 most of the prefill is repeated work);
+  ``num_return_sequences=n`` prefills every prompt n times: for GRPO's n=8 most of the prefill is repeated work),
+  and prefills prompts of very different lengths in **length groups**, each on only its own columns, since padding
+  costs as much as real tokens (:func:`sdlit.scoring.group_by_length`);
 - keeps keys and values in a **static cache** allocated once for prompt + ``max_new_tokens`` (a dynamic cache
   concatenates, i.e. copies, the whole cache at every decoded token);
 - **drops finished rows** from the batch (and the cache) as soon as a quarter of the live rows have ended, so
@@ -25,6 +27,7 @@ from transformers import PreTrainedModel
 
 from sdlit.decoding_linears import decoding_linears
 from sdlit.models import base_model
+from sdlit.scoring import group_by_length
 
 
 def supports_static_cache(model: PreTrainedModel) -> bool:
@@ -72,7 +75,7 @@ def _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_toke
     attention = torch.zeros((batch, total), dtype=torch.long, device=device)
     attention[:, :width] = mask
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = _forward(model, cache_argument, cache, input_ids, attention[:, :width], positions)
+    logits = _prefill(model, cache_argument, cache, input_ids, mask, positions)
 
     rows = torch.arange(batch, device=device).repeat_interleave(n)  # prompt of each sampled row
     if n > 1:
@@ -103,6 +106,54 @@ def _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_toke
                           next_position[:, None])
         next_position = next_position + 1
     return [out[i, : lengths[i]].tolist() for i in range(batch * n)]
+
+
+def _prefill(model, cache_argument, cache, input_ids, mask, positions) -> torch.Tensor:
+    """Last-position logits [B, V] of the left-padded prompts, with their keys and values written into ``cache``.
+
+    Prompts of very different lengths run in length groups, each with a dynamic cache of its own and on only the
+    columns it uses; the groups' keys and values are then written into the static cache at their columns (the same
+    entries a single padded pass writes on real tokens, padding columns are masked). Caches whose layers are not all
+    plain full-attention static layers (sliding windows, ...) get the single padded pass.
+    """
+    from transformers import DynamicCache
+
+    lengths = mask.sum(dim=1).tolist()
+    groups = group_by_length(lengths, [0] * len(lengths))
+    if len(groups) <= 1 or not _plain_static_layers(cache, model):
+        return _forward(model, cache_argument, cache, input_ids, mask, positions)
+    batch, width = input_ids.shape
+    logits, keys, values = None, {}, {}
+    for rows in groups:
+        index = torch.tensor(rows, device=input_ids.device)
+        columns = slice(width - max(lengths[i] for i in rows), width)
+        group_cache = DynamicCache()
+        part = _forward(model, cache_argument, group_cache, input_ids[index, columns], mask[index, columns],
+                        positions[index, columns])
+        if logits is None:
+            logits = part.new_zeros((batch, part.shape[-1]))
+        logits[index] = part
+        for layer, states in enumerate(group_cache.layers):
+            for store, group_states in ((keys, states.keys), (values, states.values)):
+                if layer not in store:  # [B, heads, width, head_dim]
+                    heads, head_dim = group_states.shape[1], group_states.shape[-1]
+                    store[layer] = group_states.new_zeros((batch, heads, width, head_dim))
+                store[layer][index, :, columns] = group_states
+    for layer in range(len(keys)):
+        cache.update(keys[layer], values[layer], layer)
+    return logits
+
+
+def _plain_static_layers(cache, model) -> bool:
+    """Whether every layer of ``cache`` is a plain (full-attention, not yet filled) static layer, one per model layer."""
+    from transformers.cache_utils import StaticLayer
+
+    layers = getattr(cache, "layers", None)
+    expected = getattr(model.config, "num_hidden_layers", None)
+    return (
+        bool(layers) and len(layers) == expected
+        and all(type(layer) is StaticLayer and not layer.is_initialized for layer in layers)
+    )
 
 
 def _forward(model, cache_argument, cache, input_ids, attention_mask, position_ids) -> torch.Tensor:

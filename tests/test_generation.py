@@ -82,6 +82,60 @@ def test_sample_responses_uses_either_sampler_with_the_same_layout(model, tiny_m
         sample_responses(model, tokenizer, PROMPTS, sampler="vllm")
 
 
+# Prompts of very different lengths: the prefill runs in length groups (one padded pass would be mostly padding)
+UNEVEN = [list(range(5, 8)), list(range(5, 160)), list(range(9, 14)), list(range(7, 150))]
+
+
+def test_prompts_of_very_different_lengths_are_prefilled_in_length_groups(model):
+    """The grouped prefill gives the logits and the cache entries of one padded pass, and greedy decoding from it
+    gives each prompt's tokens decoded alone."""
+    from transformers import StaticCache
+
+    from sdlit.generation import _cache_argument, _forward, _prefill, left_pad
+    from sdlit.scoring import group_by_length
+
+    ids, mask = left_pad(UNEVEN, pad_id=0)
+    assert len(group_by_length(mask.sum(1).tolist(), [0] * len(UNEVEN))) == 2
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    caches = [StaticCache(config=model.config, max_cache_len=ids.shape[1] + 2) for _ in range(2)]
+    with torch.no_grad():
+        grouped = _prefill(model, _cache_argument(model), caches[0], ids, mask, positions)
+        padded = _forward(model, _cache_argument(model), caches[1], ids, mask, positions)
+    torch.testing.assert_close(grouped, padded, atol=1e-5, rtol=1e-4)
+    real = mask.bool()[:, None, :, None]
+    for ours, reference in zip(caches[0].layers, caches[1].layers):
+        assert int(ours.get_seq_length()) == int(reference.get_seq_length()) == ids.shape[1]
+        for a, b in ((ours.keys, reference.keys), (ours.values, reference.values)):
+            width = ids.shape[1]
+            torch.testing.assert_close(a[:, :, :width] * real, b[:, :, :width] * real, atol=1e-5, rtol=1e-4)
+
+    expected = []
+    for prompt in UNEVEN:  # independent reference: each prompt alone, no padding
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, pad_token_id=0,
+                             eos_token_id=[2])
+        expected.append(_cut_at_eos(out[0, len(prompt):].tolist(), {2}))
+    assert sample_with_static_cache(model, UNEVEN, {2}, pad_id=0, temperature=0.0, max_new_tokens=6) == expected
+
+
+def test_caches_with_sliding_window_layers_get_one_padded_prefill(monkeypatch):
+    from transformers import MistralConfig, MistralForCausalLM, StaticCache
+
+    import sdlit.generation as generation
+    from sdlit.generation import _plain_static_layers
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    sliding = MistralForCausalLM(config).eval()
+    assert not _plain_static_layers(StaticCache(config=config, max_cache_len=32), sliding)
+    widths, forward = [], generation._forward
+    monkeypatch.setattr(generation, "_forward", lambda m, a, c, ids, *rest: widths.append(ids.shape) or forward(
+        m, a, c, ids, *rest))
+    got = sample_with_static_cache(sliding, [list(range(3, 6)), list(range(3, 60))], {2}, pad_id=0,
+                                   temperature=0.0, max_new_tokens=4)
+    assert widths[0] == (2, 57) and all(w[1] == 1 for w in widths[1:])  # one padded prefill, then decode steps
+    assert all(1 <= len(r) <= 4 for r in got)
+
+
 @pytest.mark.slow
 def test_greedy_tokens_are_the_argmax_of_a_full_forward_pass_on_the_packaged_model():
     """SmolLM2, three GSM8K prompts of different lengths in one batch: each greedy token of sdlit's loop is
