@@ -102,11 +102,10 @@ def test_prompts_of_very_different_lengths_are_prefilled_in_length_groups(model)
         grouped = _prefill(model, _cache_argument(model), caches[0], ids, mask, positions)
         padded = _forward(model, _cache_argument(model), caches[1], ids, mask, positions)
     torch.testing.assert_close(grouped, padded, atol=1e-5, rtol=1e-4)
-    real = mask.bool()[:, None, :, None]
+    real, width = mask.bool()[:, None, :, None], ids.shape[1]
     for ours, reference in zip(caches[0].layers, caches[1].layers):
-        assert int(ours.get_seq_length()) == int(reference.get_seq_length()) == ids.shape[1]
+        assert int(ours.get_seq_length()) == int(reference.get_seq_length()) == width
         for a, b in ((ours.keys, reference.keys), (ours.values, reference.values)):
-            width = ids.shape[1]
             torch.testing.assert_close(a[:, :, :width] * real, b[:, :, :width] * real, atol=1e-5, rtol=1e-4)
 
     expected = []
