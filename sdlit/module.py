@@ -14,7 +14,8 @@ from sdlit.checkpointing import capture_rng_states, plain_values, restore_rng_st
 from sdlit.guard import StepGuard
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
 from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, base_model, load_model, load_tokenizer
-from sdlit.objectives import distillation_loss, grpo_loss, group_advantages, sft_loss, token_advantages
+from sdlit.objectives import distillation_loss, distillation_loss_with_logprobs, grpo_loss, group_advantages
+from sdlit.objectives import sft_loss, token_advantages
 from sdlit.prompts import teacher_prompt_ids
 from sdlit.rollout import Rollout
 from sdlit.kernels import fused_linear_logprobs
@@ -64,9 +65,8 @@ class SelfDistillationModule(LightningModule):
             padding (same logits; :func:`sdlit.scoring.group_by_length`); off: one padded pass per batch.
         fused_output_head: Apply the output head inside the losses, in chunks of rows, so that the batch's
             ``[B, R, V]`` response logits (and their gradient) never exist (:mod:`sdlit.kernels`); the same loss
-            and gradients. ``null`` (auto): only when those logits would take more than
-            ``FUSED_HEAD_MIN_BYTES`` (1 GiB in fp32), e.g. GRPO's 64 rollouts x 128 tokens x 49k vocabulary, since
-            with a teacher it costs two more output-head products per step for the logged advantages. Models
+            and gradients, with the head applied to the real response tokens only and the logged advantages read
+            off the same chunks. ``null`` (auto) and ``true``: fused wherever it applies; ``false``: logits. Models
             whose logits are not exactly final hidden state x head (soft-capping, scaling), and a trained head
             with a ``base`` or ``ema`` teacher (two different heads), always use logits.
         max_consecutive_bad_steps: A step whose loss or gradients are NaN/inf is skipped (no weight or EMA
@@ -171,16 +171,10 @@ class SelfDistillationModule(LightningModule):
         losses = {}
         if self.uses_teacher:
             distill_mask = student.response_mask & has_context.unsqueeze(1)
-            losses["distill"] = distillation_loss(
-                student_out,
-                teacher_out,
-                distill_mask,
-                kind=self.hparams.divergence,
-                beta=self.hparams.jsd_beta,
-                temperature=self.hparams.distill_temperature,
-                output_head=self.output_head() if fused else None,  # fused: the outputs are hidden states
+            losses["distill"], teacher_lp, student_lp = self._distillation(
+                student_out, teacher_out, student, distill_mask, fused
             )
-            self._log_advantages(student_out, teacher_out, student, distill_mask, fused)
+            self._log_advantages(teacher_lp, student_lp, distill_mask)
         if self.uses_reward:
             losses["grpo"] = self._grpo_loss(rollouts, self._token_logprobs(student_out, student, fused), student)
         if self.hparams.objective == "sft":
@@ -190,19 +184,13 @@ class SelfDistillationModule(LightningModule):
         self._log_phase_times(student, len(rollouts))
         return loss
 
-    # Response logits at least this big (fp32 bytes) are never made when fused_output_head is auto (None)
-    FUSED_HEAD_MIN_BYTES = 2**30
-
     def uses_fused_head(self, batch: ScoringBatch) -> bool:
         """Whether this batch's losses apply the output head themselves (see ``fused_output_head``)."""
         if not self.head_is_linear or self.hparams.fused_output_head is False:
             return False
         if self.uses_teacher and self.teacher.mode != "current" and self.output_head().requires_grad:
             return False  # a trained head: the teacher's head is another weight (base snapshot or EMA)
-        if self.hparams.fused_output_head:
-            return True
-        logits_bytes = 4 * batch.response_ids.numel() * self.output_head().shape[0]
-        return logits_bytes >= self.FUSED_HEAD_MIN_BYTES
+        return True
 
     def output_head(self) -> torch.Tensor:
         """The output head's weight, [V, H]."""
@@ -213,6 +201,22 @@ class SelfDistillationModule(LightningModule):
         if fused:
             return fused_linear_logprobs(outputs, self.output_head(), batch.response_ids, batch.response_mask)
         return token_logprobs(outputs, batch.response_ids)
+
+    def _distillation(self, student_out, teacher_out, batch: ScoringBatch, mask: torch.Tensor, fused: bool):
+        """The distillation loss, and the teacher's and the student's [B, R] log-probs of the response tokens (no
+        gradient, 0 outside ``mask``); fused: all three from one chunked pass over the output head."""
+        settings = dict(kind=self.hparams.divergence, beta=self.hparams.jsd_beta,
+                        temperature=self.hparams.distill_temperature)
+        if fused:  # the outputs are final hidden states
+            loss, student_lp, teacher_lp = distillation_loss_with_logprobs(
+                student_out, teacher_out, self.output_head(), batch.response_ids, mask, **settings
+            )
+            return loss, teacher_lp, student_lp
+        loss = distillation_loss(student_out, teacher_out, mask, **settings)
+        with torch.no_grad():
+            teacher_lp = token_logprobs(teacher_out, batch.response_ids).masked_fill(~mask, 0.0)
+            student_lp = token_logprobs(student_out.detach(), batch.response_ids).masked_fill(~mask, 0.0)
+        return loss, teacher_lp, student_lp
 
     def _student_batch(self, rollouts: list[Rollout]) -> ScoringBatch:
         return build_scoring_batch(
@@ -290,14 +294,13 @@ class SelfDistillationModule(LightningModule):
             return (1.0 - w) * losses["distill"] + w * losses["grpo"]
         return next(iter(losses.values()))
 
-    # [B, R] teacher and student log-probs of the response tokens and the distillation mask of the last training
-    # step, set by _log_advantages for callbacks (TokenAdvantageLogger); None until a step with a teacher pass
+    # [B, R] teacher and student log-probs of the response tokens (0 outside the mask) and the distillation mask of
+    # the last training step, set by _log_advantages for callbacks (TokenAdvantageLogger); None until a step with a
+    # teacher pass
     last_token_logprobs: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def _log_advantages(self, student_out, teacher_out, batch: ScoringBatch, mask: torch.Tensor, fused: bool) -> None:
-        teacher = self._token_logprobs(teacher_out, batch, fused)
-        student = self._token_logprobs(student_out.detach(), batch, fused)
+    def _log_advantages(self, teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> None:
         # kept for callbacks (TokenAdvantageLogger) so that they need no forward pass of their own
         self.last_token_logprobs = {"teacher": teacher, "student": student, "mask": mask.detach()}
         advantages = token_advantages(teacher, student)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sdlit.kernels import fused_linear_divergence, per_token_divergence
+from sdlit.kernels import fused_linear_divergence, fused_linear_divergence_with_logprobs, per_token_divergence
 
 
 def distillation_loss(
@@ -33,6 +33,30 @@ def distillation_loss(
     else:
         per_token = fused_linear_divergence(student_logits, teacher_logits.detach(), output_head, mask, **settings)
     return per_token.sum() / mask.sum().clamp(min=1)
+
+
+def distillation_loss_with_logprobs(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    output_head: torch.Tensor,
+    token_ids: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`distillation_loss` from final hidden states and the output head, and the log-probs of ``token_ids``
+    (the response tokens) under the student and the teacher, taken from the same chunks of logits.
+
+    Returns:
+        (loss, student log-probs [B, R], teacher log-probs [B, R]): log-probs at temperature 1, without gradient,
+        0 where ``mask`` is False.
+    """
+    per_token, student_logprobs, teacher_logprobs = fused_linear_divergence_with_logprobs(
+        student_hidden, teacher_hidden.detach(), output_head, token_ids, mask, kind=kind, beta=beta,
+        temperature=temperature,
+    )
+    return per_token.sum() / mask.sum().clamp(min=1), student_logprobs, teacher_logprobs
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

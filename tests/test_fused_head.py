@@ -69,12 +69,12 @@ def test_fused_and_logits_paths_agree(tiny_model_dir, objective):
             torch.testing.assert_close(got_lp[side][mask], expected_lp[side][mask], atol=1e-5, rtol=1e-5)
 
 
-def test_auto_fuses_only_when_the_logits_would_be_large(tiny_model_dir):
-    module = make_module(tiny_model_dir, "grpo", fused=None)
+@pytest.mark.parametrize("objective", ["self_distillation", "grpo"])
+def test_auto_fuses_wherever_the_head_is_linear(tiny_model_dir, objective):
+    module = make_module(tiny_model_dir, objective, fused=None)
     batch = module._student_batch(rollouts_for(module))
-    assert not module.uses_fused_head(batch)  # a few hundred bytes of logits
-    module.FUSED_HEAD_MIN_BYTES = 4 * batch.response_ids.numel() * module.output_head().shape[0]
-    assert module.uses_fused_head(batch)
+    assert module.uses_fused_head(batch)  # even for a few hundred bytes of logits
+    assert not make_module(tiny_model_dir, objective, fused=False).uses_fused_head(batch)
 
 
 def test_a_trained_head_with_a_base_teacher_keeps_the_logits(tiny_model_dir):

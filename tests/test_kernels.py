@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlit.kernels import KINDS, fused_linear_divergence, per_token_divergence, torch_divergence
+from sdlit.kernels import KINDS, fused_linear_divergence, fused_linear_divergence_with_logprobs, per_token_divergence
+from sdlit.kernels import torch_divergence
 
 
 def naive_divergence(student_logits, teacher_logits, mask=None, kind="forward_kl", beta=0.5, temperature=1.0):
@@ -208,6 +209,41 @@ def test_fused_linear_matches_logits_path(kind, upstream_kind):
     _assert_close(gh1, gh2)
     _assert_close(gw1, gw2)
     assert (gh1[~mask] == 0).all()
+
+
+def _naive_logprobs(hidden, weight, ids):
+    """log_softmax(hidden @ weight.T)[ids] in fp64: the independent reference for the log-probs."""
+    return torch.log_softmax(hidden.double() @ weight.double().T, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_fused_linear_with_logprobs(kind, temperature):
+    hs, ht, w, mask = _fused_case()
+    ids = torch.randint(0, w.shape[0], mask.shape, generator=torch.Generator().manual_seed(3))
+    up = torch.rand(18) - 0.3
+    kw = dict(mask=mask, kind=kind, beta=0.3, temperature=temperature, chunk_size=4)
+    got = {}
+
+    def with_logprobs(h, t, weight, **kw):
+        loss, got["student"], got["teacher"] = fused_linear_divergence_with_logprobs(h, t, weight, ids, **kw)
+        return loss
+
+    v1, gh1, gw1 = _fused_grads(with_logprobs, hs, ht, w, up, **kw)
+    v2, gh2, gw2 = _fused_grads(fused_linear_divergence, hs, ht, w, up, **kw)
+    _assert_close(v1, v2)  # the loss and its gradients are those of fused_linear_divergence
+    _assert_close(gh1, gh2)
+    _assert_close(gw1, gw2)
+    for side, hidden in (("student", hs), ("teacher", ht)):
+        assert got[side].shape == ids.shape and not got[side].requires_grad
+        _assert_close(got[side][mask].double(), _naive_logprobs(hidden, w, ids)[mask])  # temperature 1 always
+        assert (got[side][~mask] == 0).all()
+
+
+def test_fused_linear_with_logprobs_checks_token_shape():
+    hs, ht, w, _ = _fused_case()
+    with pytest.raises(ValueError, match="token_ids shape"):
+        fused_linear_divergence_with_logprobs(hs, ht, w, torch.zeros(2, 8, dtype=torch.long))
 
 
 def test_fused_linear_bf16_and_default_chunk():

@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("triton")
 
 from sdlit.kernels import KINDS, dispatch, fused_linear_divergence, per_token_divergence  # noqa: E402
+from sdlit.kernels import fused_linear_divergence_with_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on the -inf arithmetic
 
@@ -237,6 +238,20 @@ def test_fused_linear_matches_logits_path(kind, upstream_kind):
         _assert_close(gh1, gh2)
         _assert_close(gw1, gw2)
         assert (gh1[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_fused_linear_with_logprobs_matches_fallback(temperature):
+    hs, ht, w, mask = _fused_case()
+    ids = torch.randint(0, w.shape[0], mask.shape, generator=torch.Generator().manual_seed(3))
+    kw = dict(kind="forward_kl", temperature=temperature, chunk_size=3)
+    triton_out = fused_linear_divergence_with_logprobs(hs, ht, w, ids, mask, backend="triton", **kw)
+    torch_out = fused_linear_divergence_with_logprobs(hs, ht, w, ids, mask, backend="torch", **kw)
+    naive = torch.log_softmax(hs @ w.T, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+    for got, expected in zip(triton_out, torch_out):
+        _assert_close(got, expected)
+    _assert_close(triton_out[1][mask], naive[mask])
+    assert (triton_out[2][~mask] == 0).all()
 
 
 def test_fused_linear_bf16():

@@ -124,18 +124,45 @@ def fused_linear_divergence(
     Returns:
         The per-row loss, shape [N], fp32 (fp64 for fp64 inputs).
     """
-    if resolve_backend(backend, student_hidden) == "triton":
-        chunk_fn = _triton_module().linear_chunk_loss_grad
-    else:
-        chunk_fn = torch_divergence.linear_chunk_loss_grad
     return fused_linear.fused_linear_divergence(
-        student_hidden,
-        teacher_hidden,
-        weight,
-        mask,
-        kind=kind,
-        beta=beta,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        chunk_fn=chunk_fn,
+        student_hidden, teacher_hidden, weight, mask, kind=kind, beta=beta, temperature=temperature,
+        chunk_size=chunk_size, chunk_fn=_linear_chunk_fn(backend, student_hidden),
     )
+
+
+def fused_linear_divergence_with_logprobs(
+    student_hidden,
+    teacher_hidden,
+    weight,
+    token_ids,
+    mask=None,
+    *,
+    kind="forward_kl",
+    beta=0.5,
+    temperature=1.0,
+    chunk_size=None,
+    backend="auto",
+):
+    """`fused_linear_divergence` plus the log-probs of ``token_ids`` under the student and the teacher, read off
+    the same chunks of logits (no second pass over the output head).
+
+    Args:
+        token_ids: [N] or [B, T], the leading shape of the hidden states: the tokens whose log-probs are wanted.
+        The others: as in `fused_linear_divergence`.
+
+    Returns:
+        (per-row loss [N], student log-probs, teacher log-probs): the log-probs are those of
+        ``log_softmax(hidden @ weight.T)`` at temperature 1 (whatever ``temperature`` the divergence uses),
+        shaped like ``token_ids``, fp32, 0 on masked rows, without gradient.
+    """
+    return fused_linear.fused_linear_divergence_with_logprobs(
+        student_hidden, teacher_hidden, weight, token_ids, mask, kind=kind, beta=beta, temperature=temperature,
+        chunk_size=chunk_size, chunk_fn=_linear_chunk_fn(backend, student_hidden),
+    )
+
+
+def _linear_chunk_fn(backend, tensor):
+    """The chunk function (`linear_chunk_loss_grad`) of the backend that this call runs on."""
+    if resolve_backend(backend, tensor) == "triton":
+        return _triton_module().linear_chunk_loss_grad
+    return torch_divergence.linear_chunk_loss_grad

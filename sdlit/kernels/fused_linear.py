@@ -4,6 +4,10 @@ The full [N, V] logits never exist: each chunk of rows makes its logits, loss an
 "chunk function" of a backend (`torch_divergence.linear_chunk_loss_grad` or
 `triton_divergence.linear_chunk_loss_grad`, same signature), then turns the logit gradient into gradients
 for the hidden states and the weight before the next chunk.
+
+`fused_linear_divergence_with_logprobs` also returns the log-probs of given tokens under the student and the
+teacher, read off each chunk's logits on the way: the per-token advantages that training logs then cost no
+second pass over the output head.
 """
 
 import torch
@@ -43,28 +47,37 @@ class _FusedLinearDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_hidden, t_hidden, weight, rows, kind, beta, temperature, chunk_rows, chunk_fn):
-        """s_hidden, t_hidden: [N, H]; weight: [V, H]; rows: kept row indices or None (all). Returns loss [N]."""
+    def forward(ctx, s_hidden, t_hidden, weight, rows, token_ids, kind, beta, temperature, chunk_rows, chunk_fn):
+        """s_hidden, t_hidden: [N, H]; weight: [V, H]; rows: kept row indices or None (all); token_ids: [N] or None.
+
+        Returns the loss [N] and the token log-probs [N, 2] (student, teacher; 0 on rows not kept; [0, 2] without
+        token_ids), which get no gradient.
+        """
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         need_grad = need_h or need_w
         acc = _accumulator_dtype(s_hidden, weight)
         loss = torch.zeros(s_hidden.shape[0], dtype=acc, device=s_hidden.device)
+        picked = torch.zeros((s_hidden.shape[0] if token_ids is not None else 0, 2), dtype=acc, device=s_hidden.device)
         grad_h = torch.zeros_like(s_hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for idx in row_chunks(rows, s_hidden.shape[0], chunk_rows):
             hs, ht = s_hidden[idx], t_hidden[idx]
-            loss_c, g = chunk_fn(hs, ht, weight, kind, beta, temperature, need_grad)
+            ids = token_ids[idx] if token_ids is not None else None
+            loss_c, g, picked_c = chunk_fn(hs, ht, weight, kind, beta, temperature, need_grad, token_ids=ids)
             loss[idx] = loss_c
+            if picked_c is not None:
+                picked[idx] = picked_c.to(acc)
             if need_grad:
                 _accumulate_linear_grads(g, hs, weight, idx, grad_h, grad_w)
             del g
         ctx.save_for_backward(s_hidden, t_hidden, weight, rows)
         ctx.grads = (grad_h, grad_w)  # not saved tensors: backward may scale them in place once
         ctx.settings = (kind, beta, temperature, chunk_rows, chunk_fn)
-        return loss
+        ctx.mark_non_differentiable(picked)
+        return loss, picked
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_picked):
         """Scale the stored gradients, or recompute them chunk by chunk for non-uniform upstream."""
         s_hidden, t_hidden, weight, rows = ctx.saved_tensors
         grad_h, grad_w = ctx.grads
@@ -76,18 +89,18 @@ class _FusedLinearDivergence(torch.autograd.Function):
             scale = kept[0] if kept.numel() else grad_loss.new_zeros(())
             out_h = grad_h.mul_(scale.to(grad_h.dtype)) if grad_h is not None else None
             out_w = grad_w.mul_(scale.to(grad_w.dtype)).to(weight.dtype) if grad_w is not None else None
-            return out_h, None, out_w, None, None, None, None, None, None
+            return out_h, None, out_w, None, None, None, None, None, None, None
         out_h = torch.zeros_like(s_hidden) if ctx.needs_input_grad[0] else None
         out_w = torch.zeros(weight.shape, dtype=_accumulator_dtype(s_hidden, weight), device=weight.device)
         out_w = out_w if ctx.needs_input_grad[2] else None
         kind, beta, temperature, chunk_rows, chunk_fn = ctx.settings
         for idx in row_chunks(rows, s_hidden.shape[0], chunk_rows):
             hs, ht = s_hidden[idx], t_hidden[idx]
-            _, g = chunk_fn(hs, ht, weight, kind, beta, temperature, True, row_scale=grad_loss[idx])
+            _, g, _ = chunk_fn(hs, ht, weight, kind, beta, temperature, True, row_scale=grad_loss[idx])
             _accumulate_linear_grads(g, hs, weight, idx, out_h, out_w)
             del g
         out_w = out_w.to(weight.dtype) if out_w is not None else None
-        return out_h, None, out_w, None, None, None, None, None, None
+        return out_h, None, out_w, None, None, None, None, None, None, None
 
 
 def fused_linear_divergence(
@@ -120,6 +133,46 @@ def fused_linear_divergence(
     Returns:
         The per-row loss, shape [N], fp32 (fp64 for fp64 inputs).
     """
+    loss, _ = _apply(student_hidden, teacher_hidden, weight, mask, None, kind, beta, temperature, chunk_size, chunk_fn)
+    return loss
+
+
+def fused_linear_divergence_with_logprobs(
+    student_hidden,
+    teacher_hidden,
+    weight,
+    token_ids,
+    mask=None,
+    *,
+    kind="forward_kl",
+    beta=0.5,
+    temperature=1.0,
+    chunk_size=None,
+    chunk_fn,
+):
+    """`fused_linear_divergence`, and the log-probs of ``token_ids`` under the student and the teacher.
+
+    The log-probs are those of ``log_softmax(hidden @ weight.T)`` (temperature 1, whatever ``temperature`` the
+    divergence uses), taken from the same chunks of logits; they get no gradient and are 0 on masked rows.
+
+    Args:
+        token_ids: [N] or [B, T] (the leading shape of the hidden states), e.g. the response tokens.
+        The others: as in `fused_linear_divergence`.
+
+    Returns:
+        (per-row loss [N], student log-probs, teacher log-probs), the log-probs shaped like ``token_ids``.
+    """
+    if tuple(token_ids.shape) != tuple(student_hidden.shape[:-1]):
+        raise ValueError(
+            f"token_ids shape {tuple(token_ids.shape)} does not match the hidden states' {tuple(student_hidden.shape[:-1])}"
+        )
+    ids = token_ids.reshape(-1).to(student_hidden.device)
+    loss, picked = _apply(student_hidden, teacher_hidden, weight, mask, ids, kind, beta, temperature, chunk_size, chunk_fn)
+    return loss, picked[:, 0].reshape(token_ids.shape), picked[:, 1].reshape(token_ids.shape)
+
+
+def _apply(student_hidden, teacher_hidden, weight, mask, token_ids, kind, beta, temperature, chunk_size, chunk_fn):
+    """Check the arguments and run `_FusedLinearDivergence` on the flattened rows: (loss [N], log-probs [N, 2])."""
     check_divergence_args(kind, beta, temperature)
     check_pair(student_hidden, teacher_hidden, "hidden", "H")
     if weight.dim() != 2 or weight.shape[1] != student_hidden.shape[-1]:
@@ -133,5 +186,5 @@ def fused_linear_divergence(
     t_hidden = teacher_hidden.detach().reshape(-1, hidden)
     with no_autocast(s_hidden):
         return _FusedLinearDivergence.apply(
-            s_hidden, t_hidden, weight, rows, kind, float(beta), float(temperature), chunk_rows, chunk_fn
+            s_hidden, t_hidden, weight, rows, token_ids, kind, float(beta), float(temperature), chunk_rows, chunk_fn
         )

@@ -64,6 +64,12 @@ def row_chunks(rows, n_rows, chunk_rows):
     return rows.split(chunk_rows)
 
 
+def picked_logprobs(logits, token_ids, dtype):
+    """log softmax(logits)[n, token_ids[n]] per row, [n] in ``dtype``, for one chunk of raw logits [n, V]."""
+    x = logits.to(dtype)
+    return x.gather(1, token_ids[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
+
+
 def no_autocast(tensor):
     """Autocast off on the tensor's device (inside a bf16-mixed training step, for example)."""
     return torch.autocast(device_type=tensor.device.type, enabled=False)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlit.kernels.inputs import KINDS, check_divergence_args, check_pair, effective_kind, kept_rows, no_autocast
-from sdlit.kernels.inputs import row_chunks
+from sdlit.kernels.inputs import picked_logprobs, row_chunks
 
 # Rows per chunk are chosen so that chunk_rows * V <= _CHUNK_ELEMENTS (8 MiB per fp32 temporary): small
 # enough that the few chunk temporaries are a small fraction of one [N, V] tensor, large enough that the
@@ -112,15 +112,29 @@ def logits_chunk_loss_grad(s_logits, t_logits, kind, beta, temperature, need_gra
     return loss, grad
 
 
-def linear_chunk_loss_grad(s_hidden, t_hidden, weight, kind, beta, temperature, need_grad, row_scale=None):
+def linear_chunk_loss_grad(s_hidden, t_hidden, weight, kind, beta, temperature, need_grad, row_scale=None,
+                           token_ids=None):
     """Loss and grad w.r.t. the student logits (compute dtype) for one chunk of hidden rows.
 
     The logits are made here and dropped as soon as their log-softmax exists, so at most one chunk of
     logits per side is alive. row_scale: optional [n] upstream gradient per row, multiplied into grad.
+    token_ids: optional [n] tokens whose log-probs (temperature 1) under the student and the teacher are also
+    returned, [n, 2]; at temperature 1 they are read off the log-softmaxes the loss needs anyway.
+
+    Returns:
+        (loss [n], grad [n, V] or None, token log-probs [n, 2] or None).
     """
     dtype = _compute_dtype(s_hidden, weight)
-    lq = _scaled_log_softmax(s_hidden @ weight.T, dtype, temperature)
-    lp = _scaled_log_softmax(t_hidden @ weight.T, dtype, temperature)
+    s_logits, t_logits = s_hidden @ weight.T, t_hidden @ weight.T
+    picked = None
+    if token_ids is not None and temperature != 1.0:
+        picked = torch.stack([picked_logprobs(s_logits, token_ids, dtype), picked_logprobs(t_logits, token_ids, dtype)], 1)
+    lq = _scaled_log_softmax(s_logits, dtype, temperature)
+    del s_logits
+    lp = _scaled_log_softmax(t_logits, dtype, temperature)
+    del t_logits
+    if token_ids is not None and temperature == 1.0:
+        picked = torch.stack([lq.gather(1, token_ids[:, None]), lp.gather(1, token_ids[:, None])], 1).squeeze(2)
     loss, grad = divergence_from_log_probs(lq, lp, kind, beta, need_grad)
     if grad is not None:
         factor = 1.0 / temperature
@@ -128,7 +142,7 @@ def linear_chunk_loss_grad(s_hidden, t_hidden, weight, kind, beta, temperature, 
             grad.mul_(row_scale.to(grad.dtype)[:, None])
         if factor != 1.0:
             grad.mul_(factor)
-    return loss, grad
+    return loss, grad, picked
 
 
 def _chunked_loss_grad(student, teacher, rows, kind, beta, temperature, need_grad, row_weights=None):

@@ -18,7 +18,8 @@ import math
 import torch
 import triton
 
-from sdlit.kernels.inputs import check_divergence_args, check_pair, effective_kind, no_autocast, row_mask
+from sdlit.kernels.inputs import check_divergence_args, check_pair, effective_kind, no_autocast, picked_logprobs
+from sdlit.kernels.inputs import row_mask
 from sdlit.kernels.torch_divergence import scale_rows_, take_stored_grad
 from sdlit.kernels.triton_kernels import KIND_IDS, divergence_kernel
 
@@ -128,14 +129,21 @@ def per_token_divergence(student_logits, teacher_logits, mask=None, *, kind="for
         return _TritonPerTokenDivergence.apply(student, teacher, keep, kind, float(beta), float(temperature))
 
 
-def linear_chunk_loss_grad(s_hidden, t_hidden, weight, kind, beta, temperature, need_grad, row_scale=None):
-    """Loss and grad w.r.t. the student logits (weight's dtype) for one chunk of hidden rows.
+def linear_chunk_loss_grad(s_hidden, t_hidden, weight, kind, beta, temperature, need_grad, row_scale=None,
+                           token_ids=None):
+    """Loss and grad w.r.t. the student logits (weight's dtype) for one chunk of hidden rows, and with
+    ``token_ids`` the tokens' log-probs (temperature 1, fp32) under student and teacher, [n, 2].
 
     The chunk's logits come from torch matmuls in the weight's dtype; the kernel overwrites the student
     logits with their gradient (in place), so one chunk costs two [rows, V] tensors of that dtype.
     """
     s_logits = s_hidden @ weight.T
     t_logits = t_hidden @ weight.T
-    return divergence_rows(
+    picked = None
+    if token_ids is not None:  # before the kernel turns the student logits into their gradient
+        picked = torch.stack([picked_logprobs(s_logits, token_ids, torch.float32),
+                              picked_logprobs(t_logits, token_ids, torch.float32)], 1)
+    loss, grad = divergence_rows(
         s_logits, t_logits, kind, beta, temperature, row_scale=row_scale, need_grad=need_grad, grad_out=s_logits
     )
+    return loss, grad, picked
