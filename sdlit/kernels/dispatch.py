@@ -117,7 +117,7 @@ def fused_linear_divergence(
         weight: [V, H] lm_head weight (no bias), the same matrix is used for student and teacher.
         mask: optional bool tensor of the leading shape; True = keep.
         kind, beta, temperature: as in `per_token_divergence`.
-        chunk_size: rows per chunk; default keeps chunk_size * V <= 2**23 elements.
+        chunk_size: rows per chunk; default keeps chunk_size * V <= 2**24 elements.
         backend: as in `per_token_divergence`; "triton" runs the matmuls in torch and the divergence of
             each chunk with the Triton kernel.
 

@@ -15,8 +15,9 @@ import torch
 from sdlit.kernels.inputs import check_divergence_args, check_pair, kept_rows, no_autocast, row_chunks
 
 # The fused path does matmuls per chunk, and every chunk adds into the whole [V, H] weight gradient, so it
-# needs more rows per chunk to run fast: 32 MiB per fp32 chunk temporary (170 rows at V = 49152).
-FUSED_CHUNK_ELEMENTS = 2**23
+# needs more rows per chunk to run fast: 64 MiB per fp32 chunk temporary (341 rows at V = 49152; the CPU GEMMs of
+# the output head reach their full rate only at a few hundred rows).
+FUSED_CHUNK_ELEMENTS = 2**24
 
 
 def _accumulate_linear_grads(g_logits, s_hidden, weight, idx, grad_hidden, grad_weight):
@@ -127,7 +128,7 @@ def fused_linear_divergence(
         weight: [V, H] lm_head weight (no bias), the same matrix is used for student and teacher.
         mask: optional bool tensor of the leading shape; True = keep.
         kind, beta, temperature: as in `per_token_divergence`.
-        chunk_size: rows per chunk; default keeps chunk_size * V <= FUSED_CHUNK_ELEMENTS (2**23).
+        chunk_size: rows per chunk; default keeps chunk_size * V <= FUSED_CHUNK_ELEMENTS (2**24).
         chunk_fn: the backend's `linear_chunk_loss_grad`.
 
     Returns:

@@ -13,8 +13,8 @@ import torch
 
 from sdlit.kernels.inputs import kept_rows, no_autocast, row_chunks
 
-# rows per chunk: chunk_rows * V <= this many elements (32 MiB per fp32 chunk temporary; 170 rows at V = 49152)
-LOGPROB_CHUNK_ELEMENTS = 2**23
+# rows per chunk: chunk_rows * V <= this many elements (64 MiB per fp32 chunk temporary; 341 rows at V = 49152)
+LOGPROB_CHUNK_ELEMENTS = 2**24
 
 
 def _chunk_logits(hidden, weight, temperature, dtype):
@@ -88,7 +88,7 @@ def fused_linear_logprobs(hidden, weight, token_ids, mask=None, *, temperature=1
         mask: optional bool tensor of the leading shape; rows that are False get 0 and no gradient, and are not
             computed.
         temperature: divides the logits.
-        chunk_size: rows per chunk; default keeps chunk_size * V <= LOGPROB_CHUNK_ELEMENTS (2**23).
+        chunk_size: rows per chunk; default keeps chunk_size * V <= LOGPROB_CHUNK_ELEMENTS (2**24).
 
     Returns:
         Log-probs with the leading shape of ``hidden``, fp32 (fp64 for fp64 inputs).
