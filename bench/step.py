@@ -7,7 +7,8 @@ Per condition (``reference``: self-distillation, the teacher sees the reference 
    with LoRA (r=16, alpha=32), ``--prompts`` GSM8K problems per step, ``--max-new-tokens`` new tokens;
    per phase (rollout, feedback, teacher, student forward, student backward, optimizer and the rest) the seconds,
    tokens/s and share of the step, from the module's own phase timer and Lightning's backward hooks;
-2. the peer: the same work with TRL (``bench/trl_peer.py``; needs ``pip install -e '.[bench]'``);
+2. the peer, right after (so that both see the same machine load): the same work with TRL
+   (``bench/trl_peer.py``; needs ``pip install -e '.[bench]'``);
 3. ablations (``--ablations``): sdlit again with one speed-up off (length-grouped scoring, the sampler), so each
    speed-up shows its effect on the whole step;
 4. rollout generation alone: sdlit's sampler (``data.sampler: static_cache``) against plain ``model.generate`` on
@@ -278,11 +279,11 @@ def main(argv=None) -> None:
     for condition in args.conditions:
         started = time.perf_counter()
         results[f"{condition}/sdlit"] = run_process(worker_command(args, "sdlit", condition))
+        if args.peer == "trl":  # right after sdlit: the compared pair sees the same machine load
+            results[f"{condition}/peer"] = run_process(peer_command(args, condition))
         for name in args.ablations:
             flags = ABLATIONS[name][0]
             results[f"{condition}/sdlit-no-{name}"] = run_process(worker_command(args, "sdlit", condition, *flags))
-        if args.peer == "trl":
-            results[f"{condition}/peer"] = run_process(peer_command(args, condition))
         if args.generation_repeats:
             results[f"{condition}/generation"] = run_process(worker_command(args, "generation", condition))
         print(f"{condition}: {time.perf_counter() - started:.0f} s of benchmark", file=sys.stderr, flush=True)

@@ -65,8 +65,11 @@ def test_fused_and_logits_paths_agree(tiny_model_dir, objective):
         torch.testing.assert_close(got_grads[name], expected_grads[name], atol=1e-6, rtol=1e-3, msg=name)
     if objective in ("self_distillation", "hybrid"):  # the logged token log-probs, on the real tokens
         mask = expected_lp["mask"]
+        assert (~mask).any()  # a rollout without context: its row is outside the distillation mask
         for side in ("teacher", "student"):
             torch.testing.assert_close(got_lp[side][mask], expected_lp[side][mask], atol=1e-5, rtol=1e-5)
+            assert (got_lp[side][~mask] == 0).all() and (expected_lp[side][~mask] == 0).all()
+            assert not got_lp[side].requires_grad
 
 
 @pytest.mark.parametrize("objective", ["self_distillation", "grpo"])
