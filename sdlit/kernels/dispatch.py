@@ -124,10 +124,11 @@ def fused_linear_divergence(
     Returns:
         The per-row loss, shape [N], fp32 (fp64 for fp64 inputs).
     """
-    return fused_linear.fused_linear_divergence(
+    loss, _ = fused_linear.fused_linear_divergence(
         student_hidden, teacher_hidden, weight, mask, kind=kind, beta=beta, temperature=temperature,
         chunk_size=chunk_size, chunk_fn=_linear_chunk_fn(backend, student_hidden),
     )
+    return loss
 
 
 def fused_linear_divergence_with_logprobs(
@@ -155,10 +156,11 @@ def fused_linear_divergence_with_logprobs(
         ``log_softmax(hidden @ weight.T)`` at temperature 1 (whatever ``temperature`` the divergence uses),
         shaped like ``token_ids``, fp32, 0 on masked rows, without gradient.
     """
-    return fused_linear.fused_linear_divergence_with_logprobs(
-        student_hidden, teacher_hidden, weight, token_ids, mask, kind=kind, beta=beta, temperature=temperature,
-        chunk_size=chunk_size, chunk_fn=_linear_chunk_fn(backend, student_hidden),
+    loss, (student_logprobs, teacher_logprobs) = fused_linear.fused_linear_divergence(
+        student_hidden, teacher_hidden, weight, mask, kind=kind, beta=beta, temperature=temperature,
+        chunk_size=chunk_size, token_ids=token_ids, chunk_fn=_linear_chunk_fn(backend, student_hidden),
     )
+    return loss, student_logprobs, teacher_logprobs
 
 
 def _linear_chunk_fn(backend, tensor):

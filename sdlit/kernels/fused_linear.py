@@ -5,9 +5,8 @@ The full [N, V] logits never exist: each chunk of rows makes its logits, loss an
 `triton_divergence.linear_chunk_loss_grad`, same signature), then turns the logit gradient into gradients
 for the hidden states and the weight before the next chunk.
 
-`fused_linear_divergence_with_logprobs` also returns the log-probs of given tokens under the student and the
-teacher, read off each chunk's logits on the way: the per-token advantages that training logs then cost no
-second pass over the output head.
+Given token ids, it also returns their log-probs under the student and the teacher, read off each chunk's logits
+on the way: the per-token advantages that training logs then cost no second pass over the output head.
 """
 
 import torch
@@ -114,6 +113,7 @@ def fused_linear_divergence(
     beta=0.5,
     temperature=1.0,
     chunk_size=None,
+    token_ids=None,
     chunk_fn,
 ):
     """Per-token divergence from hidden states and the lm_head weight, with one backend's chunk function.
@@ -129,63 +129,32 @@ def fused_linear_divergence(
         mask: optional bool tensor of the leading shape; True = keep.
         kind, beta, temperature: as in `per_token_divergence`.
         chunk_size: rows per chunk; default keeps chunk_size * V <= FUSED_CHUNK_ELEMENTS (2**24).
+        token_ids: optional tokens of the leading shape whose log-probs under ``log_softmax(hidden @ weight.T)``
+            (temperature 1, whatever ``temperature`` the divergence uses) are read off the same chunks of logits.
         chunk_fn: the backend's `linear_chunk_loss_grad`.
 
     Returns:
-        The per-row loss, shape [N], fp32 (fp64 for fp64 inputs).
+        (the per-row loss [N], fp32 (fp64 for fp64 inputs); with ``token_ids`` the student's and the teacher's
+        log-probs, each shaped like ``token_ids``, without gradient, 0 on masked rows; else None).
     """
-    loss, _ = _apply(student_hidden, teacher_hidden, weight, mask, None, kind, beta, temperature, chunk_size, chunk_fn)
-    return loss
-
-
-def fused_linear_divergence_with_logprobs(
-    student_hidden,
-    teacher_hidden,
-    weight,
-    token_ids,
-    mask=None,
-    *,
-    kind="forward_kl",
-    beta=0.5,
-    temperature=1.0,
-    chunk_size=None,
-    chunk_fn,
-):
-    """`fused_linear_divergence`, and the log-probs of ``token_ids`` under the student and the teacher.
-
-    The log-probs are those of ``log_softmax(hidden @ weight.T)`` (temperature 1, whatever ``temperature`` the
-    divergence uses), taken from the same chunks of logits; they get no gradient and are 0 on masked rows.
-
-    Args:
-        token_ids: [N] or [B, T] (the leading shape of the hidden states), e.g. the response tokens.
-        The others: as in `fused_linear_divergence`.
-
-    Returns:
-        (per-row loss [N], student log-probs, teacher log-probs), the log-probs shaped like ``token_ids``.
-    """
-    if tuple(token_ids.shape) != tuple(student_hidden.shape[:-1]):
-        raise ValueError(
-            f"token_ids shape {tuple(token_ids.shape)} does not match the hidden states' {tuple(student_hidden.shape[:-1])}"
-        )
-    ids = token_ids.reshape(-1).to(student_hidden.device)
-    loss, picked = _apply(student_hidden, teacher_hidden, weight, mask, ids, kind, beta, temperature, chunk_size, chunk_fn)
-    return loss, picked[:, 0].reshape(token_ids.shape), picked[:, 1].reshape(token_ids.shape)
-
-
-def _apply(student_hidden, teacher_hidden, weight, mask, token_ids, kind, beta, temperature, chunk_size, chunk_fn):
-    """Check the arguments and run `_FusedLinearDivergence` on the flattened rows: (loss [N], log-probs [N, 2])."""
     check_divergence_args(kind, beta, temperature)
     check_pair(student_hidden, teacher_hidden, "hidden", "H")
     if weight.dim() != 2 or weight.shape[1] != student_hidden.shape[-1]:
         raise ValueError(f"weight must be [V, H={student_hidden.shape[-1]}], got shape {tuple(weight.shape)}")
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    hidden = student_hidden.shape[-1]
-    rows = kept_rows(mask, student_hidden.shape[:-1], student_hidden.device)
+    leading = tuple(student_hidden.shape[:-1])
+    if token_ids is not None and tuple(token_ids.shape) != leading:
+        raise ValueError(f"token_ids shape {tuple(token_ids.shape)} does not match the hidden states' {leading}")
+    ids = token_ids.reshape(-1).to(student_hidden.device) if token_ids is not None else None
+    rows = kept_rows(mask, leading, student_hidden.device)
     chunk_rows = int(chunk_size) if chunk_size is not None else max(1, FUSED_CHUNK_ELEMENTS // weight.shape[0])
-    s_hidden = student_hidden.reshape(-1, hidden)
-    t_hidden = teacher_hidden.detach().reshape(-1, hidden)
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    t_hidden = teacher_hidden.detach().reshape(-1, student_hidden.shape[-1])
     with no_autocast(s_hidden):
-        return _FusedLinearDivergence.apply(
-            s_hidden, t_hidden, weight, rows, token_ids, kind, float(beta), float(temperature), chunk_rows, chunk_fn
+        loss, picked = _FusedLinearDivergence.apply(
+            s_hidden, t_hidden, weight, rows, ids, kind, float(beta), float(temperature), chunk_rows, chunk_fn
         )
+    if token_ids is None:
+        return loss, None
+    return loss, (picked[:, 0].reshape(token_ids.shape), picked[:, 1].reshape(token_ids.shape))
