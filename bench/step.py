@@ -9,8 +9,8 @@ Per condition (``reference``: self-distillation, the teacher sees the reference 
    tokens/s and share of the step, from the module's own phase timer and Lightning's backward hooks;
 2. the peer, right after (so that both see the same machine load): the same work with TRL
    (``bench/trl_peer.py``; needs ``pip install -e '.[bench]'``);
-3. ablations (``--ablations``): sdlit again with one speed-up off (length-grouped scoring, the sampler), so each
-   speed-up shows its effect on the whole step;
+3. ablations (``--ablations``): sdlit again with one speed-up off (length-grouped scoring, the sampler, the fused
+   output head, the lean Llama decode step, huge pages), so each speed-up shows its effect on the whole step;
 4. rollout generation alone: sdlit's sampler (``data.sampler: static_cache``) against plain ``model.generate`` on
    the same batch, alternating, tokens/s (real tokens, up to each row's EOS).
 
@@ -44,6 +44,7 @@ ABLATIONS = {  # speed-up -> (worker flags that turn it off, label)
     "fused_head": (["--fused-output-head", "off"], "logits path (no fused output head)"),
     "logits_head": (["--fused-output-head", "on"], "fused output head forced on"),
     "huge_pages": (["--huge-pages", "off"], "glibc heap for large tensors (THP_MEM_ALLOC_ENABLE=0)"),
+    "llama_decoding": (["--llama-decoding", "off"], "decode steps by the model's forward (no lean Llama step)"),
 }
 
 
@@ -61,12 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ablations", nargs="*", default=["length_groups"], choices=list(ABLATIONS),
                    help="also run sdlit with one setting changed: length_groups off, sampler: plain generate, "
                         "fused_head: losses from logits, logits_head: fused output head forced on, "
-                        "huge_pages: large CPU tensors on the glibc heap instead of transparent huge pages")
+                        "huge_pages: large CPU tensors on the glibc heap instead of transparent huge pages, "
+                        "llama_decoding: the sampler's decode steps through the model's own forward")
     p.add_argument("--json", default=None, help="also write every result to this file")
     p.add_argument("--sampler", choices=["static_cache", "generate"], default="static_cache", help=argparse.SUPPRESS)
     p.add_argument("--length-groups", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     p.add_argument("--fused-output-head", choices=["auto", "on", "off"], default="auto", help=argparse.SUPPRESS)
     p.add_argument("--huge-pages", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
+    p.add_argument("--llama-decoding", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["sdlit", "generation"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--condition", choices=list(ROLLOUTS), default="reference", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -86,6 +89,14 @@ def huge_pages_in_use() -> bool:
     return any(line.startswith("AnonHugePages:") and int(line.split()[1]) > 0 for line in rollup.splitlines())
 
 
+def use_llama_decoding(on: bool) -> None:
+    """Whether the sampler decodes Llama models with the lean step (``sdlit.llama_decoding``) or the model forward."""
+    import sdlit.generation
+    from sdlit.llama_decoding import supports_llama_decoding
+
+    sdlit.generation.supports_llama_decoding = supports_llama_decoding if on else (lambda model: False)
+
+
 def sdlit_worker(args) -> dict:
     """``args.steps`` optimizer steps of ``sdlit`` on the condition; per-step phase seconds and token counts."""
     import lightning as L
@@ -97,6 +108,7 @@ def sdlit_worker(args) -> dict:
     from sdlit.tasks.gsm8k import GSM8K
 
     L.seed_everything(0, verbose=False)
+    use_llama_decoding(args.llama_decoding == "on")
     grpo = args.condition == "grpo"
     module = SelfDistillationModule(
         lora=LoraSettings(r=16, alpha=32), teacher="base", objective="grpo" if grpo else "self_distillation",
@@ -120,7 +132,8 @@ def sdlit_worker(args) -> dict:
     trainer.fit(module, datamodule=data)
     return {"side": "sdlit", "condition": args.condition, "steps": recorder.steps, "peak_rss_mib": peak_rss_mib(),
             "sampler": args.sampler, "length_groups": args.length_groups,
-            "fused_output_head": args.fused_output_head, "huge_pages": huge_pages_in_use()}
+            "fused_output_head": args.fused_output_head, "huge_pages": huge_pages_in_use(),
+            "llama_decoding": args.llama_decoding}
 
 
 class StepRecorder(Callback):
@@ -166,10 +179,11 @@ def generation_worker(args) -> dict:
     problems = GSM8K(train_size=args.prompts).train_problems()
     prompts = [student_prompt_ids(tokenizer, p.question) for p in problems]
     n = ROLLOUTS[args.condition]
-    runs = {"generate": [], "static_cache": [], "static_cache_plain_linears": []}
+    runs = {"generate": [], "static_cache": [], "static_cache_model_forward": [], "static_cache_plain_linears": []}
     for repeat in range(args.generation_repeats):
         for sampler in runs:
             torch.manual_seed(repeat)
+            use_llama_decoding(sampler == "static_cache")
             start = time.perf_counter()
             if sampler == "static_cache_plain_linears":  # the sampler with the model's own (LoRA, unpacked) linears
                 out = sample_with_static_cache(model, prompts, _eos_ids(model, tokenizer), tokenizer.pad_token_id,
@@ -177,7 +191,8 @@ def generation_worker(args) -> dict:
                                                max_new_tokens=args.max_new_tokens, fast_linears=False)
             else:
                 out = sample_responses(model, tokenizer, prompts, n=n, temperature=args.temperature,
-                                       max_new_tokens=args.max_new_tokens, sampler=sampler)
+                                       max_new_tokens=args.max_new_tokens,
+                                       sampler=sampler.removesuffix("_model_forward"))
             if args.accelerator == "gpu":
                 torch.cuda.synchronize()
             runs[sampler].append({"seconds": time.perf_counter() - start, "tokens": sum(len(r) for r in out)})
@@ -253,6 +268,10 @@ def report(args, results: dict) -> None:
             rates = {k: sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v) for k, v in gen["runs"].items()}
             print(f"\nrollout generation, {gen['rows']} rows: plain generate {rates['generate']:.1f} tokens/s, "
                   f"sdlit sampler {rates['static_cache']:.1f} tokens/s: **{rates['static_cache'] / rates['generate']:.2f}x**")
+            if "static_cache_model_forward" in rates:
+                forward = rates["static_cache_model_forward"]
+                print(f"(sdlit sampler with decode steps through the model's forward, not the lean Llama step: "
+                      f"{forward:.1f} tokens/s, {forward / rates['generate']:.2f}x)")
             if "static_cache_plain_linears" in rates:
                 plain = rates["static_cache_plain_linears"]
                 print(f"(sdlit sampler on the model's own LoRA linears, not merged and packed: {plain:.1f} tokens/s, "

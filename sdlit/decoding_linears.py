@@ -58,13 +58,21 @@ def decoding_linears(model: nn.Module, rows: int, pack: bool = True) -> Iterator
     try:
         with torch.no_grad():
             for module in _decodable_linears(model):
-                weight, bias = _merged_weight(module)
-                module.forward = _fast_forward(weight, bias, rows, pack)
+                weight, bias = merged_weight(module)
+                module.forward = fast_linear(weight, bias, rows, pack)
                 switched.append(module)
         yield len(switched)
     finally:
         for module in switched:
             del module.forward  # back to the class's forward
+
+
+def is_mergeable_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain ``nn.Linear`` or a vanilla LoRA linear (what :func:`merged_weight` merges)."""
+    lora_linear = _lora_linear_type()
+    if lora_linear is not None and type(module) is lora_linear:
+        return _is_vanilla_lora(module)
+    return type(module) is nn.Linear
 
 
 def _decodable_linears(module: nn.Module) -> Iterator[nn.Module]:
@@ -99,7 +107,7 @@ def _active_adapters(layer) -> list[str]:
     return [name for name in layer.active_adapters if name in layer.lora_A]
 
 
-def _merged_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def merged_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weight and bias that give the module's eval-mode output: ``W + sum scaling * B @ A`` for LoRA."""
     base = module.base_layer if hasattr(module, "base_layer") else module
     weight = base.weight.detach()
@@ -113,7 +121,7 @@ def _merged_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     return weight, bias
 
 
-def _fast_forward(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, pack: bool):
+def fast_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, pack: bool):
     """A forward for a linear layer with this weight: oneDNN-packed for fp32 on CPU, else ``F.linear``."""
     if pack and weight.device.type == "cpu" and weight.dtype == torch.float32 and mkldnn_packing_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)

@@ -13,7 +13,10 @@ takes a ``StaticCache``:
   short answers stop costing compute while long ones finish;
 - computes logits for the last position only and samples in fp32 (temperature, nucleus ``top_p``);
 - runs every linear layer on a LoRA-merged and, on CPU, oneDNN-packed copy of its weight
-  (:mod:`sdlit.decoding_linears`): a decode step is a few rows times every weight, where both pay.
+  (:mod:`sdlit.decoding_linears`): a decode step is a few rows times every weight, where both pay;
+- decodes Llama-architecture models with a lean step of fewer, larger calls (:mod:`sdlit.llama_decoding`: q/k/v
+  and gate/up as one product each, attention over the written cache columns only); other models decode through
+  their own forward.
 
 Models whose forward takes no ``StaticCache`` fall back to ``generate`` (see :func:`supports_static_cache`).
 """
@@ -26,6 +29,7 @@ import torch
 from transformers import PreTrainedModel
 
 from sdlit.decoding_linears import decoding_linears
+from sdlit.llama_decoding import LlamaDecodeStep, supports_llama_decoding
 from sdlit.models import base_model
 from sdlit.scoring import group_by_length
 
@@ -55,15 +59,18 @@ def sample_with_static_cache(
 
     Each response is cut after its first EOS, which is kept. ``temperature == 0`` decodes greedily. Rows that
     have ended are removed from the batch once they make up ``compact_fraction`` of the live rows (0: at once).
-    ``fast_linears``: decode on merged, packed linear weights (:func:`sdlit.decoding_linears.decoding_linears`).
+    ``fast_linears``: decode on merged, packed linear weights (:func:`sdlit.decoding_linears.decoding_linears`),
+    for Llama models with :class:`sdlit.llama_decoding.LlamaDecodeStep`.
     """
+    settings = (model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_tokens, compact_fraction)
     if not fast_linears:
-        return _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_tokens, compact_fraction)
-    with decoding_linears(model, rows=len(prompts) * n):
-        return _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_tokens, compact_fraction)
+        return _decode(*settings)
+    lean = supports_llama_decoding(model)  # decode steps by LlamaDecodeStep, on weights packed of its own
+    with decoding_linears(model, rows=len(prompts) * n, pack=not lean):
+        return _decode(*settings, lean=lean)
 
 
-def _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_tokens, compact_fraction):
+def _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_tokens, compact_fraction, lean=False):
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -76,6 +83,7 @@ def _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_toke
     attention[:, :width] = mask
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     logits = _prefill(model, cache_argument, cache, input_ids, mask, positions)
+    step = LlamaDecodeStep(model, rows=batch * n) if lean and _plain_static_layers(cache, model, filled=True) else None
 
     rows = torch.arange(batch, device=device).repeat_interleave(n)  # prompt of each sampled row
     if n > 1:
@@ -102,8 +110,11 @@ def _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_toke
             alive, tokens, next_position = alive[keep], tokens[keep], next_position[keep]
             attention, finished = attention[keep], finished[keep]
         attention[:, width + t] = 1
-        logits = _forward(model, cache_argument, cache, tokens[:, None], attention[:, : width + t + 1],
-                          next_position[:, None])
+        if step is not None:
+            logits = step(cache, tokens, next_position, attention, width + t)
+        else:
+            logits = _forward(model, cache_argument, cache, tokens[:, None], attention[:, : width + t + 1],
+                              next_position[:, None])
         next_position = next_position + 1
     return [out[i, : lengths[i]].tolist() for i in range(batch * n)]
 
@@ -144,15 +155,16 @@ def _prefill(model, cache_argument, cache, input_ids, mask, positions) -> torch.
     return logits
 
 
-def _plain_static_layers(cache, model) -> bool:
-    """Whether every layer of ``cache`` is a plain (full-attention, not yet filled) static layer, one per model layer."""
+def _plain_static_layers(cache, model, filled: bool = False) -> bool:
+    """Whether every layer of ``cache`` is a plain full-attention static layer, one per model layer, not yet filled
+    (or, with ``filled``, filled by the prefill)."""
     from transformers.cache_utils import StaticLayer
 
     layers = getattr(cache, "layers", None)
     expected = getattr(model.config, "num_hidden_layers", None)
     return (
         bool(layers) and len(layers) == expected
-        and all(type(layer) is StaticLayer and not layer.is_initialized for layer in layers)
+        and all(type(layer) is StaticLayer and layer.is_initialized == filled for layer in layers)
     )
 
 

@@ -37,12 +37,14 @@ def test_report_prints_the_ratio_against_the_peer(step, capsys):
                "reference/peer": {"peer": "trl x", "seconds_per_step": [20.0, 8.0, 8.0], "peak_rss_mib": 2000.0},
                "reference/generation": {"rows": 8, "runs": {"generate": [{"seconds": 2.0, "tokens": 100}],
                                                             "static_cache": [{"seconds": 1.0, "tokens": 100}],
+                                                            "static_cache_model_forward": [{"seconds": 1.25, "tokens": 100}],
                                                             "static_cache_plain_linears": [{"seconds": 1.6, "tokens": 100}]}}}
     step.report(args, results)
     out = capsys.readouterr().out
     assert "| **sdlit / peer** | **0.50x** | **0.50x** |" in out
     assert "| sdlit, one padded pass (no length groups) | 5.00 |" in out
     assert "**2.00x**" in out
+    assert "not the lean Llama step: 80.0 tokens/s, 1.60x" in out
     assert "not merged and packed: 62.5 tokens/s, 1.25x" in out
 
 
