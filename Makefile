@@ -39,7 +39,7 @@ bench-step: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/step.py --conditions reference --steps 4 --ablations length_groups sampler fused_head llama_decoding \
 		--json results/step_reference.json | tee results/step_reference.md
-	$(PY) bench/step.py --conditions grpo --steps 2 --ablations huge_pages \
+	$(PY) bench/step.py --conditions grpo --steps 2 --ablations huge_pages llama_decoding \
 		--json results/step_grpo.json | tee results/step_grpo.md
 
 # The paper's three-way comparison on this machine (bench/replicate.py; resumes where it stopped)
