@@ -8,7 +8,8 @@ Per condition (``reference``: self-distillation, the teacher sees the reference 
    per phase (rollout, feedback, teacher, student forward, student backward, optimizer and the rest) the seconds,
    tokens/s and share of the step, from the module's own phase timer and Lightning's backward hooks;
 2. the peer, right after (so that both see the same machine load): the same work with TRL
-   (``bench/trl_peer.py``; needs ``pip install -e '.[bench]'``);
+   (``bench/trl_peer.py``; needs ``pip install -e '.[bench]'``); with ``--rounds N`` the pair runs N times and each
+   side's table row is its fastest round, every round printed beside it;
 3. ablations (``--ablations``): sdlit again with one speed-up off (length-grouped scoring, the sampler, the fused
    output head, the lean Llama decode step, huge pages), so each speed-up shows its effect on the whole step;
 4. rollout generation alone: sdlit's sampler (``data.sampler: static_cache``) against plain ``model.generate`` on
@@ -52,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--conditions", nargs="+", default=["reference", "grpo"], choices=list(ROLLOUTS))
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="sdlit and the peer this many times each, alternating; each side's table row is its fastest "
+                        "round (a shared machine only ever slows a run down), every round's figures are printed")
     p.add_argument("--prompts", type=int, default=8, help="problems per optimizer step")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -231,6 +235,35 @@ def steady(values: list[float]) -> float:
     return sum(rest) / len(rest)
 
 
+def seconds_per_step(result: dict) -> float:
+    """Steady seconds per optimizer step of one sdlit or peer run."""
+    if "seconds_per_step" in result:  # the peer
+        return steady(result["seconds_per_step"])
+    return steady([s["seconds"] for s in result["steps"]])
+
+
+def pick_fastest_rounds(results: dict, condition: str) -> None:
+    """Set ``{condition}/sdlit`` and ``{condition}/peer`` to each side's fastest round."""
+    for side in ("sdlit", "peer"):
+        rounds = [v for k, v in results.items() if k.startswith(f"{condition}/{side}/round")]
+        if rounds:
+            results[f"{condition}/{side}"] = min(rounds, key=seconds_per_step)
+
+
+def rounds_line(results: dict, condition: str) -> str | None:
+    """Every round's s/step of both sides and their ratio, when there was more than one round."""
+    pairs, index = [], 0
+    while f"{condition}/sdlit/round{index}" in results:
+        ours = seconds_per_step(results[f"{condition}/sdlit/round{index}"])
+        peer = results.get(f"{condition}/peer/round{index}")
+        pairs.append(f"round {index + 1}: {ours:.2f}" + (
+            f" / {seconds_per_step(peer):.2f} ({ours / seconds_per_step(peer):.2f}x)" if peer else ""))
+        index += 1
+    if index < 2:
+        return None
+    return "s/step by round (sdlit / peer): " + "; ".join(pairs) + ". Table rows: each side's fastest round."
+
+
 def phase_table(result: dict) -> list[str]:
     steps = result["steps"][1:] or result["steps"]
     total = sum(s["seconds"] for s in steps) / len(steps)
@@ -253,7 +286,7 @@ def report(args, results: dict) -> None:
         print(f"\n### {condition} (n={ROLLOUTS[condition]}): sdlit phases (tokens/s = generated tokens / phase s)\n")
         print("\n".join(phase_table(ours)))
         print("\n| side | s/step | peak RSS MiB |\n|---|---|---|")
-        mine = steady([s["seconds"] for s in ours["steps"]])
+        mine = seconds_per_step(ours)
         print(f"| sdlit | {mine:.2f} | {ours['peak_rss_mib']:.0f} |")
         for name, (_, label) in ABLATIONS.items():
             off = results.get(f"{condition}/sdlit-no-{name}")
@@ -261,9 +294,11 @@ def report(args, results: dict) -> None:
                 print(f"| sdlit, {label} | {steady([s['seconds'] for s in off['steps']]):.2f} | "
                       f"{off['peak_rss_mib']:.0f} |")
         if peer:
-            theirs = steady(peer["seconds_per_step"])
+            theirs = seconds_per_step(peer)
             print(f"| {peer['peer']} | {theirs:.2f} | {peer['peak_rss_mib']:.0f} |")
             print(f"| **sdlit / peer** | **{mine / theirs:.2f}x** | **{ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x** |")
+        if rounds_line(results, condition):
+            print(f"\n{rounds_line(results, condition)}")
         if gen:
             rates = {k: sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v) for k, v in gen["runs"].items()}
             print(f"\nrollout generation, {gen['rows']} rows: plain generate {rates['generate']:.1f} tokens/s, "
@@ -297,9 +332,11 @@ def main(argv=None) -> None:
     results = {}
     for condition in args.conditions:
         started = time.perf_counter()
-        results[f"{condition}/sdlit"] = run_process(worker_command(args, "sdlit", condition))
-        if args.peer == "trl":  # right after sdlit: the compared pair sees the same machine load
-            results[f"{condition}/peer"] = run_process(peer_command(args, condition))
+        for round_index in range(args.rounds):  # each pair back to back: the compared pair sees the same load
+            results[f"{condition}/sdlit/round{round_index}"] = run_process(worker_command(args, "sdlit", condition))
+            if args.peer == "trl":
+                results[f"{condition}/peer/round{round_index}"] = run_process(peer_command(args, condition))
+        pick_fastest_rounds(results, condition)
         for name in args.ablations:
             flags = ABLATIONS[name][0]
             results[f"{condition}/sdlit-no-{name}"] = run_process(worker_command(args, "sdlit", condition, *flags))

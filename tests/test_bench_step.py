@@ -48,6 +48,21 @@ def test_report_prints_the_ratio_against_the_peer(step, capsys):
     assert "not merged and packed: 62.5 tokens/s, 1.25x" in out
 
 
+def test_rounds_each_side_is_its_fastest_round_and_every_round_is_printed(step, capsys):
+    args = step.parse_args(["--conditions", "reference", "--steps", "3", "--rounds", "2"])
+    results = {"reference/sdlit/round0": recorded([9.0, 6.0, 6.0]),
+               "reference/peer/round0": {"peer": "trl x", "seconds_per_step": [20.0, 10.0, 10.0], "peak_rss_mib": 2000.0},
+               "reference/sdlit/round1": recorded([9.0, 4.0, 4.0]),
+               "reference/peer/round1": {"peer": "trl x", "seconds_per_step": [20.0, 12.0, 12.0], "peak_rss_mib": 2000.0}}
+    step.pick_fastest_rounds(results, "reference")
+    assert results["reference/sdlit"] is results["reference/sdlit/round1"]
+    assert results["reference/peer"] is results["reference/peer/round0"]
+    step.report(args, results)
+    out = capsys.readouterr().out
+    assert "| **sdlit / peer** | **0.40x** |" in out  # 4 s against 10 s
+    assert "round 1: 6.00 / 10.00 (0.60x); round 2: 4.00 / 12.00 (0.33x)" in out
+
+
 def test_recorder_splits_a_real_training_step_into_phases(step, tiny_model_dir):
     import lightning as L
 
