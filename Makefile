@@ -37,8 +37,10 @@ test-slow: setup
 # Training-step throughput against TRL (bench/step.py; installs the optional `bench` extra: trl)
 bench-step: setup
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) bench/step.py --conditions reference --steps 4 --ablations length_groups sampler fused_head llama_decoding \
+	$(PY) bench/step.py --conditions reference --steps 4 --rounds 2 --ablations llama_decoding \
 		--json results/step_reference.json | tee results/step_reference.md
+	$(PY) bench/step.py --conditions reference --steps 4 --ablations llama_decoding length_groups sampler fused_head \
+		--json results/step_reference_ablations.json | tee results/step_reference_ablations.md
 	$(PY) bench/step.py --conditions grpo --steps 2 --ablations huge_pages llama_decoding \
 		--json results/step_grpo.json | tee results/step_grpo.md
 
