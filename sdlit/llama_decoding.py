@@ -11,7 +11,7 @@ larger calls:
   :mod:`sdlit.decoding_linears`);
 - the new key and value go straight into the static cache's tensors at the step's column, and attention reads only
   the columns written so far (left-padded prompts: every row writes the same column);
-- the rotary embedding is the model's own module (any RoPE type the model was configured with).
+- the rotary embedding and the norms are the model's own modules (any RoPE type the model was configured with).
 
 It only replaces the decode steps of :mod:`sdlit.generation` (the prefill stays the model's own forward) and only
 for models it computes exactly: ``LlamaForCausalLM`` with SiLU MLPs, every projection a plain linear or a vanilla
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from sdlit.decoding_linears import fast_linear, is_mergeable_linear, merged_weight
 from sdlit.models import base_model
@@ -39,9 +40,6 @@ def supports_llama_decoding(model: nn.Module) -> bool:
     if type(base).__name__ != "LlamaForCausalLM" or getattr(config, "hidden_act", None) != "silu":
         return False
     decoder = base.model
-    norms = [decoder.norm] + [n for layer in decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-    if not all(hasattr(n, "variance_epsilon") for n in norms):
-        return False
     for layer in decoder.layers:
         linears = [getattr(layer.self_attn, n) for n in _ATTENTION] + [getattr(layer.mlp, n) for n in _MLP]
         if not all(is_mergeable_linear(m) for m in linears):
@@ -81,7 +79,7 @@ class LlamaDecodeStep:
         keep = attention[:, None, None, : column + 1].bool()
         heads = self.query_heads + self.kv_heads  # rotated: queries, then keys
         for weights, layer_cache in zip(self.layers, cache.layers):
-            h = _rms_norm(x, weights.input_norm)
+            h = weights.input_norm(x)
             qkv = weights.qkv(h).view(batch, heads + self.kv_heads, self.head_dim)
             qk = _rotate(qkv[:, :heads], cos, sin)  # queries and keys: [B, Hq + Hkv, D]
             q, k, v = qk[:, : self.query_heads, None], qk[:, self.query_heads :], qkv[:, heads:]
@@ -92,7 +90,7 @@ class LlamaDecodeStep:
                 scale=self.head_dim**-0.5, enable_gqa=self.kv_heads != self.query_heads,
             )
             x = x + weights.o_proj(out.reshape(batch, 1, self.query_heads * self.head_dim))
-            h = _rms_norm(x, weights.post_norm)
+            h = weights.post_norm(x)
             gate, up = weights.gate_up(h).chunk(2, dim=-1)
             x = x + weights.down_proj(F.silu(gate) * up)
         return self.lm_head(self.norm(x))[:, 0]
@@ -121,15 +119,6 @@ def _stacked(*linears: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, torch.cat(biases)
 
 
-def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """The model's RMSNorm (``LlamaRMSNorm``): statistics in fp32, scaled by its weight in the input dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, as the model applies it (``x * cos + rotate_half(x) * sin``)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """Rotary position embedding, as the model applies it (its own ``rotate_half``)."""
+    return x * cos + rotate_half(x) * sin

@@ -128,7 +128,9 @@ def linear_chunk_loss_grad(s_hidden, t_hidden, weight, kind, beta, temperature, 
     s_logits, t_logits = s_hidden @ weight.T, t_hidden @ weight.T
     picked = None
     if token_ids is not None and temperature != 1.0:
-        picked = torch.stack([picked_logprobs(s_logits, token_ids, dtype), picked_logprobs(t_logits, token_ids, dtype)], 1)
+        picked = torch.stack(
+            [picked_logprobs(s_logits, token_ids, dtype), picked_logprobs(t_logits, token_ids, dtype)], 1
+        )
     lq = _scaled_log_softmax(s_logits, dtype, temperature)
     del s_logits
     lp = _scaled_log_softmax(t_logits, dtype, temperature)
