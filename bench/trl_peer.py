@@ -181,7 +181,8 @@ DIFFERENCES = {
     ],
     "reference": [
         "loss normalisation: TRL SDFT averages the per-token KL over each completion's tokens, then over "
-        "completions (sequence mean); sdlit averages over all response tokens of the batch (token mean)",
+        "completions (sequence mean); sdlit averages over all response tokens of the optimizer step (token mean, "
+        "model.loss_normalization: tokens; 'sequences' is TRL SDFT's)",
         "TRL materialises full [B, T, V] fp32 logits for student and teacher and uses log_softmax + F.kl_div "
         "(no fused or chunked divergence)",
         "TRL divides student and teacher logits by the sampling temperature before the KL (sdlit: "
@@ -197,8 +198,6 @@ DIFFERENCES = {
     "grpo": [
         "TRL GRPOTrainer used (not SDPO with distillation_weight=0): it is the maintained GRPO path and loads "
         "no teacher machinery",
-        "advantages: TRL's group std has Bessel's correction (n-1), sdlit's is the population std; both add "
-        "1e-4, so TRL advantages are about sqrt(7/8) of sdlit's for 8 rollouts",
         "TRL repeats each prompt 8 times in the generate batch and prefills all 64 rows; sdlit prefills each prompt "
         "once and repeats its KV cache (sdlit.generation)",
         "TRL scores completions with its tiled fused LM head (per-token log-probs and entropy, no [B, T, V] "

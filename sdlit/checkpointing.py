@@ -16,6 +16,7 @@ import dataclasses
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -118,6 +119,17 @@ def capture_rng_states() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+@contextmanager
+def preserved_rng_states() -> Iterator[None]:
+    """Run a block that may draw random numbers (e.g. a model's weight init) without changing the global torch,
+    Python and NumPy random states seen afterwards."""
+    states = capture_rng_states()
+    try:
+        yield
+    finally:
+        restore_rng_states(states)
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -24,12 +23,12 @@ from torch.utils.data import DataLoader
 
 from sdlit.callbacks.feedback import Feedback
 from sdlit.checkpointing import EpochSampler, ResumableLoader
-from sdlit.prompts import student_prompt_ids
+from sdlit.offline import GroupBatches, RowBatches, batch_group_indices, group_indices, keep_batch, offline_rollout
+from sdlit.offline import read_offline_rollouts, read_offline_rollouts_counted  # noqa: F401  (public here too)
 from sdlit.rollout import Rollout, Sampler, sample_rollouts
 from sdlit.sft import reference_rollouts
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError, Problem, Task
-from sdlit.tasks.rows import file_rows
 from sdlit.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,10 @@ class RolloutDataModule(LightningDataModule):
         eval_size: Use only the first ``eval_size`` held-out problems (default: all the task provides).
         offline_path: JSONL or Parquet file of already-annotated rollouts to train on instead of sampling;
             each row needs ``question``, ``solution``, ``answer``, ``response`` and optionally ``context``,
-            ``context_header``, ``reward``, ``logprobs``, ``group``, ``finished`` (default true: EOS appended).
+            ``context_header``, ``reward``, ``logprobs`` (one per response token), ``response_ids`` (checked
+            against the tokenized response), ``group``, ``finished`` (default true: EOS appended). Rows sharing a
+            ``group`` id stay together in one batch of at most ``batch_size`` rows (groups are shuffled, not rows);
+            a row without one is a group of its own (:mod:`sdlit.offline`).
         shuffle: Shuffle training problems every epoch; the order is fixed by (``seed_everything``'s seed,
             epoch), so a run resumed with ``--ckpt_path`` sees the same problems in the same order.
         on_bad_row: Offline rows that are malformed or miss a field: ``error`` stops with a message naming
@@ -122,16 +124,29 @@ class RolloutDataModule(LightningDataModule):
 
     # ---- dataloaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        """Batches of problems (online) or of annotated rows (offline)."""
-        rows = self._offline_rows() if self.offline_path else self.task.train_problems()
-        if not rows:
-            raise DataError(f"the training split of task {self.task.name!r} is empty")
+        """Batches of problems (online) or of annotated rows, whole groups each (offline)."""
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if self.offline_path:
+            return self._offline_loader()
+        rows = self.task.train_problems()
+        if not rows:
+            raise DataError(f"the training split of task {self.task.name!r} is empty")
         return ResumableLoader(  # Lightning saves and restores its position with the fit loop
             rows, batch_size=self.batch_size, sampler=EpochSampler(len(rows), self.shuffle, self.seed),
             collate_fn=list, position=self.position,
         )
+
+    def _offline_loader(self) -> DataLoader:
+        """Batches of whole groups of offline rows; under several processes each rank gets its own batches."""
+        rows = self._offline_rows()
+        trainer = self.trainer
+        sampler = GroupBatches(
+            group_indices(rows, self.batch_size, self.offline_path), self.batch_size, self.shuffle, self.seed,
+            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
+        )
+        return ResumableLoader(RowBatches(rows), batch_size=None, sampler=sampler, collate_fn=keep_batch,
+                               position=self.position)
 
     def _offline_rows(self) -> list[dict]:
         rows, skipped = read_offline_rollouts_counted(self.offline_path, self.on_bad_row)
@@ -211,7 +226,9 @@ class RolloutDataModule(LightningDataModule):
         a module that samples nothing, objective ``sft``: the problems' step-tagged reference solutions)."""
         if self.offline_path:
             kwargs = module.hparams.student_template_kwargs
-            rollouts = [offline_rollout(row, module.tokenizer, module.global_step, kwargs) for row in batch]
+            groups = batch_group_indices(batch)
+            rollouts = [offline_rollout(row, module.tokenizer, module.global_step, kwargs, group)
+                        for row, group in zip(batch, groups)]
             self.grade(rollouts)
             return rollouts
         if not getattr(module, "samples_rollouts", True):  # objective sft: the targets are reference solutions
@@ -271,65 +288,3 @@ class RolloutDataModule(LightningDataModule):
                 [[len(r.response_ids) for r in group] for group in groups], dtype=torch.float32, device=module.device
             ),
         )
-
-
-# ---- offline rollouts ------------------------------------------------------------------------------
-_OFFLINE_REQUIRED = ("question", "solution", "answer", "response")
-
-
-def read_offline_rollouts(path: str, on_bad_row: str = "error") -> list[dict]:
-    """Rows of an annotated-rollouts file (JSONL or Parquet), checked for the required fields."""
-    return read_offline_rollouts_counted(path, on_bad_row)[0]
-
-
-def read_offline_rollouts_counted(path: str, on_bad_row: str = "error") -> tuple[list[dict], int]:
-    """Like :func:`read_offline_rollouts`, also returning how many bad rows were skipped
-    (``on_bad_row="skip"``; ``"error"`` raises a DataError naming file, row and field on the first one)."""
-    rows, skipped = [], 0
-    for number, row in file_rows(Path(path)):
-        try:
-            rows.append(_checked_offline_row(row, path, number))
-        except DataError as err:
-            if on_bad_row != "skip":
-                raise
-            skipped += 1
-            log.warning("skipping bad offline row: %s", err)
-    if not rows:
-        detail = f" ({skipped} bad rows skipped)" if skipped else ""
-        raise DataError(f"{path}: no rollouts in file{detail}")
-    if skipped:
-        log.warning("%s: skipped %d bad rows, kept %d rollouts", path, skipped, len(rows))
-    return rows, skipped
-
-
-def _checked_offline_row(row, path: str, number: int) -> dict:
-    if isinstance(row, DataError):
-        raise row
-    if not isinstance(row, dict):
-        raise DataError(f"{path}: row {number}: expected an object with fields {', '.join(_OFFLINE_REQUIRED)}")
-    for name in _OFFLINE_REQUIRED:
-        if not isinstance(row.get(name), str) or not row[name].strip():
-            raise DataError(f"{path}: row {number}: field {name!r} is missing or empty")
-    return row
-
-
-def offline_rollout(row: dict, tokenizer, policy_version: int, template_kwargs: dict | None = None) -> Rollout:
-    """A :class:`Rollout` from an annotated row; the response is tokenized here, once."""
-    problem = Problem(row["question"], row["solution"], row["answer"], row.get("id", ""))
-    response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
-    if row.get("finished", True) and tokenizer.eos_token_id is not None:
-        response_ids.append(tokenizer.eos_token_id)  # the sampled answer ended with EOS
-    rollout = Rollout(
-        problem=problem,
-        prompt_ids=student_prompt_ids(tokenizer, problem.question, **(template_kwargs or {})),
-        response_ids=response_ids,
-        response=row["response"],
-        policy_version=int(row.get("policy_version", policy_version)),
-        group=int(row.get("group", 0)),
-        reward=row.get("reward"),
-        context=row.get("context"),
-        logprobs=row.get("logprobs"),
-    )
-    if row.get("context_header"):
-        rollout.context_header = row["context_header"]
-    return rollout

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sdlit.checkpointing import preserved_rng_states
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -141,7 +143,8 @@ def _cached_smollm2() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        _convert_gguf(gguf_dir, staging)
+        with preserved_rng_states():  # the conversion's weight init must not shift the run's random draws
+            _convert_gguf(gguf_dir, staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)  # atomic: a half-written copy is never seen as the cache

@@ -14,14 +14,15 @@ from sdlit.checkpointing import capture_rng_states, plain_values, restore_rng_st
 from sdlit.guard import StepGuard
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
 from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, base_model, load_model, load_tokenizer
-from sdlit.objectives import distillation_loss, distillation_loss_with_logprobs, grpo_loss, group_advantages
-from sdlit.objectives import sft_loss, token_advantages
+from sdlit.normalization import StepLoss
+from sdlit.objectives import Normalization, distillation_token_losses, distillation_token_losses_with_logprobs
+from sdlit.objectives import group_advantages, grpo_token_losses, loss_sum, sft_token_losses, token_advantages
 from sdlit.prompts import teacher_prompt_ids
 from sdlit.rollout import Rollout
 from sdlit.kernels import fused_linear_logprobs
 from sdlit.scoring import ScoringBatch, build_scoring_batch, output_head_weight, response_hidden, response_logits
 from sdlit.scoring import token_logprobs
-from sdlit.teacher import TeacherMode, TeacherWeights
+from sdlit.teacher import TeacherMode, TeacherWeights, eval_mode
 from sdlit.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,22 @@ class SelfDistillationModule(LightningModule):
         divergence: Per-token divergence of self-distillation: ``forward_kl`` = KL(teacher || student),
             ``reverse_kl`` = KL(student || teacher), ``jsd`` (generalised Jensen-Shannon with ``jsd_beta``).
         jsd_beta: Mixture weight of the teacher in ``jsd``.
-        distill_temperature: Both distributions are softened by this temperature in the divergence.
+        distill_temperature: Both the teacher's and the student's next-token distributions are softened by this
+            temperature inside the divergence (``softmax(logits / distill_temperature)``). It is a property of the
+            loss only and independent of ``data.temperature``, the temperature rollouts are sampled at; 1 (the
+            default) matches the distributions the model actually has.
         grpo_clip: Clip range of the GRPO importance ratio.
+        grpo_temperature: Temperature of GRPO's log-probs (``log_softmax(logits / T)``) in the importance ratio;
+            ``null`` (default): the temperature the rollouts were sampled at (``data.temperature``), as TRL does, so
+            that the ratio compares the sampling distribution with itself.
+        loss_normalization: How an optimizer step's loss is averaged: ``tokens`` (default): the sum over all the
+            step's loss tokens divided by their count, across gradient-accumulation micro-batches and ranks, so the
+            update does not depend on how the step's rollouts are split (TRL's token-level normalisation);
+            ``sequences``: each rollout's token mean, averaged over the step's rollouts (every answer weighs the
+            same, short or long). Loss tokens: the response tokens of rollouts with a teacher context for
+            ``self_distillation`` (after ``skip_first_response_tokens``), every response token otherwise.
+        skip_first_response_tokens: Leave the first N response tokens of every rollout out of the distillation
+            loss (as TRL's SDFT can), e.g. where the teacher's template makes the opening tokens an artefact.
         grpo_weight: Weight of the GRPO term in ``hybrid`` (self-distillation gets ``1 - grpo_weight``).
         learning_rate: AdamW learning rate (paper: 5e-6).
         weight_decay: AdamW weight decay.
@@ -85,6 +100,7 @@ class SelfDistillationModule(LightningModule):
         jsd_beta: float = 0.5,
         distill_temperature: float = 1.0,
         grpo_clip: float = 0.2,
+        grpo_temperature: float | None = None,
         grpo_weight: float = 0.5,
         learning_rate: float = 5e-6,
         weight_decay: float = 0.0,
@@ -99,12 +115,20 @@ class SelfDistillationModule(LightningModule):
         max_consecutive_bad_steps: int = 3,
         length_groups: bool = True,
         fused_output_head: bool | None = None,
+        loss_normalization: Normalization = "tokens",
+        skip_first_response_tokens: int = 0,
     ):
         super().__init__()
         if objective not in ("self_distillation", "grpo", "hybrid", "sft"):
             raise ValueError(f"objective must be self_distillation, grpo, hybrid or sft, got {objective!r}")
         if not 0.0 <= grpo_weight <= 1.0:
             raise ValueError(f"grpo_weight must lie in [0, 1], got {grpo_weight}")
+        if loss_normalization not in ("tokens", "sequences"):
+            raise ValueError(f"loss_normalization must be 'tokens' or 'sequences', got {loss_normalization!r}")
+        if skip_first_response_tokens < 0:
+            raise ValueError(f"skip_first_response_tokens must be >= 0, got {skip_first_response_tokens}")
+        if grpo_temperature is not None and grpo_temperature <= 0:
+            raise ValueError(f"grpo_temperature must be > 0, got {grpo_temperature}")
         self.save_hyperparameters()
         if isinstance(lora, dict):  # from a checkpoint's plain hyper-parameters (see on_save_checkpoint)
             lora = LoraSettings(**lora)
@@ -118,6 +142,7 @@ class SelfDistillationModule(LightningModule):
         self._rng_to_restore: dict | None = None  # random state of a resumed checkpoint, put back at train start
         self.phase_timer = PhaseTimer()  # rollout/feedback (datamodule), teacher/student (training_step)
         self.head_is_linear = False  # logits == final hidden @ head.T, checked once in configure_model
+        self.step_loss = StepLoss()  # loss sums of the optimizer step in progress (see sdlit.normalization)
 
     # ---- model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -158,7 +183,9 @@ class SelfDistillationModule(LightningModule):
 
     # ---- training ----------------------------------------------------------------------------------
     def training_step(self, rollouts: list[Rollout], batch_idx: int) -> torch.Tensor:
-        """One optimizer step on a batch of feedback-annotated rollouts."""
+        """One micro-batch of feedback-annotated rollouts: returns the *sum* of its token losses; the optimizer
+        step divides the gradients by the step's loss-token count (``loss_normalization``,
+        :mod:`sdlit.normalization`)."""
         student = self._student_batch(rollouts)
         fused = self.uses_fused_head(student)
         score = response_hidden if fused else response_logits  # [B, R, H] states or [B, R, V] logits
@@ -168,20 +195,57 @@ class SelfDistillationModule(LightningModule):
                 teacher_out, has_context = self._teacher_outputs(rollouts, score)
         with self.phase_timer.phase("student"):
             student_out = score(self.model, student, self.hparams.length_groups)
-        losses = {}
+        token_losses = {}  # name -> [B, R], 0 outside its mask
+        loss_mask = student.response_mask
         if self.uses_teacher:
-            distill_mask = student.response_mask & has_context.unsqueeze(1)
-            losses["distill"], teacher_lp, student_lp = self._distillation(
+            distill_mask = self.distillation_mask(student, has_context)
+            token_losses["distill"], teacher_lp, student_lp = self._distillation(
                 student_out, teacher_out, student, distill_mask, fused
             )
             self._log_advantages(teacher_lp, student_lp, distill_mask)
+            if self.hparams.objective == "self_distillation":
+                loss_mask = distill_mask
         if self.uses_reward:
-            losses["grpo"] = self._grpo_loss(rollouts, self._token_logprobs(student_out, student, fused), student)
+            logprobs = self._token_logprobs(student_out, student, fused, self.grpo_temperature())
+            token_losses["grpo"] = self._grpo_token_losses(rollouts, logprobs, student)
         if self.hparams.objective == "sft":
-            losses["sft"] = sft_loss(self._token_logprobs(student_out, student, fused), student.response_mask)
-        loss = self._combine(losses)
-        self._log_step(rollouts, student, loss, losses)
+            logprobs = self._token_logprobs(student_out, student, fused)
+            token_losses["sft"] = sft_token_losses(logprobs, student.response_mask)
+        loss = self._accumulate(token_losses, loss_mask)
+        self._log_step(rollouts, student)
         self._log_phase_times(student, len(rollouts))
+        return loss
+
+    def distillation_mask(self, batch: ScoringBatch, has_context: torch.Tensor) -> torch.Tensor:
+        """[B, R] response tokens that enter the distillation loss: rollouts with a teacher context, without the
+        first ``skip_first_response_tokens`` of each response."""
+        mask = batch.response_mask & has_context.unsqueeze(1)
+        skip = self.hparams.skip_first_response_tokens
+        if skip:
+            mask = mask.clone()
+            mask[:, :skip] = False
+        return mask
+
+    def grpo_temperature(self) -> float:
+        """The temperature of GRPO's log-probs: ``grpo_temperature``, else the datamodule's sampling temperature."""
+        if self.hparams.grpo_temperature is not None:
+            return self.hparams.grpo_temperature
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        temperature = getattr(datamodule, "temperature", None)
+        return float(temperature) if temperature and temperature > 0 else 1.0
+
+    def _accumulate(self, token_losses: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's loss sum (the objective's weighted terms), recorded with its count in ``step_loss``."""
+        weights = {name: 1.0 for name in token_losses}
+        if self.hparams.objective == "hybrid":
+            weights = {"distill": 1.0 - self.hparams.grpo_weight, "grpo": self.hparams.grpo_weight}
+        total = sum(weights[name] * value for name, value in token_losses.items())
+        normalization = self.hparams.loss_normalization
+        loss, count = loss_sum(total, mask, normalization)
+        sums = {"loss": loss}
+        if len(token_losses) > 1:  # hybrid: each term too
+            sums.update({f"loss_{n}": loss_sum(v, mask, normalization)[0] for n, v in token_losses.items()})
+        self.step_loss.add(sums, count)
         return loss
 
     def uses_fused_head(self, batch: ScoringBatch) -> bool:
@@ -196,27 +260,30 @@ class SelfDistillationModule(LightningModule):
         """The output head's weight, [V, H]."""
         return base_model(self.model).get_output_embeddings().weight
 
-    def _token_logprobs(self, outputs: torch.Tensor, batch: ScoringBatch, fused: bool) -> torch.Tensor:
-        """[B, R] log-probs of the response tokens from logits, or from hidden states and the head (``fused``)."""
+    def _token_logprobs(self, outputs: torch.Tensor, batch: ScoringBatch, fused: bool,
+                        temperature: float = 1.0) -> torch.Tensor:
+        """[B, R] log-probs of the response tokens under ``softmax(logits / temperature)``, from logits, or from
+        hidden states and the head (``fused``)."""
         if fused:
-            return fused_linear_logprobs(outputs, self.output_head(), batch.response_ids, batch.response_mask)
-        return token_logprobs(outputs, batch.response_ids)
+            return fused_linear_logprobs(outputs, self.output_head(), batch.response_ids, batch.response_mask,
+                                         temperature=temperature)
+        return token_logprobs(outputs, batch.response_ids, temperature)
 
     def _distillation(self, student_out, teacher_out, batch: ScoringBatch, mask: torch.Tensor, fused: bool):
-        """The distillation loss, and the teacher's and the student's [B, R] log-probs of the response tokens (no
-        gradient, 0 outside ``mask``); fused: all three from one chunked pass over the output head."""
+        """The [B, R] distillation token losses, and the teacher's and the student's [B, R] log-probs of the response
+        tokens (no gradient, 0 outside ``mask``); fused: all three from one chunked pass over the output head."""
         settings = dict(kind=self.hparams.divergence, beta=self.hparams.jsd_beta,
                         temperature=self.hparams.distill_temperature)
         if fused:  # the outputs are final hidden states
-            loss, student_lp, teacher_lp = distillation_loss_with_logprobs(
+            losses, student_lp, teacher_lp = distillation_token_losses_with_logprobs(
                 student_out, teacher_out, self.output_head(), batch.response_ids, mask, **settings
             )
-            return loss, teacher_lp, student_lp
-        loss = distillation_loss(student_out, teacher_out, mask, **settings)
+            return losses, teacher_lp, student_lp
+        losses = distillation_token_losses(student_out, teacher_out, mask, **settings)
         with torch.no_grad():
             teacher_lp = token_logprobs(teacher_out, batch.response_ids).masked_fill(~mask, 0.0)
             student_lp = token_logprobs(student_out.detach(), batch.response_ids).masked_fill(~mask, 0.0)
-        return loss, teacher_lp, student_lp
+        return losses, teacher_lp, student_lp
 
     def _student_batch(self, rollouts: list[Rollout]) -> ScoringBatch:
         return build_scoring_batch(
@@ -255,7 +322,7 @@ class SelfDistillationModule(LightningModule):
         self._check_contexts(rollouts, has_context)
         self.truncations += truncated
         self.log("train/truncations", float(truncated), reduce_fx="sum", batch_size=len(rollouts))
-        with self.teacher.weights(self.model):
+        with eval_mode(self.model), self.teacher.weights(self.model):  # eval: no dropout in the teacher's target
             outputs = score(self.model, batch, self.hparams.length_groups)
         return outputs, has_context
 
@@ -269,7 +336,7 @@ class SelfDistillationModule(LightningModule):
                 "or a 'context' field to offline data"
             )
 
-    def _grpo_loss(self, rollouts: list[Rollout], logprobs: torch.Tensor, batch: ScoringBatch) -> torch.Tensor:
+    def _grpo_token_losses(self, rollouts: list[Rollout], logprobs: torch.Tensor, batch: ScoringBatch):
         if any(r.reward is None for r in rollouts):
             raise ValueError(
                 f"objective {self.hparams.objective!r} needs a reward on every rollout: add the BinaryReward "
@@ -278,7 +345,8 @@ class SelfDistillationModule(LightningModule):
         rewards = torch.tensor([r.reward for r in rollouts], device=self.device)
         groups = torch.tensor([r.group for r in rollouts], device=self.device)
         old = self._old_logprobs(rollouts, logprobs)
-        return grpo_loss(logprobs, old, group_advantages(rewards, groups), batch.response_mask, self.hparams.grpo_clip)
+        advantages = group_advantages(rewards, groups)
+        return grpo_token_losses(logprobs, old, advantages, batch.response_mask, self.hparams.grpo_clip)
 
     def _old_logprobs(self, rollouts: list[Rollout], logprobs: torch.Tensor) -> torch.Tensor:
         """Log-probs of the sampling policy: stored ones (offline data), else the live ones (on-policy)."""
@@ -287,12 +355,6 @@ class SelfDistillationModule(LightningModule):
             if r.logprobs is not None:
                 old[i, : len(r.logprobs)] = torch.tensor(r.logprobs, device=old.device)
         return old
-
-    def _combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.hparams.objective == "hybrid":
-            w = self.hparams.grpo_weight
-            return (1.0 - w) * losses["distill"] + w * losses["grpo"]
-        return next(iter(losses.values()))
 
     # [B, R] teacher and student log-probs of the response tokens (0 outside the mask) and the distillation mask of
     # the last training step, set by _log_advantages for callbacks (TokenAdvantageLogger); None until a step with a
@@ -308,12 +370,8 @@ class SelfDistillationModule(LightningModule):
         self.log("train/abs_advantage", (advantages.abs() * mask).sum() / count, batch_size=int(count))
         self.log("train/advantage", (advantages * mask).sum() / count, batch_size=int(count))
 
-    def _log_step(self, rollouts: list[Rollout], batch: ScoringBatch, loss, losses) -> None:
+    def _log_step(self, rollouts: list[Rollout], batch: ScoringBatch) -> None:
         size = len(rollouts)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        if len(losses) > 1:  # hybrid: each term too
-            for name, value in losses.items():
-                self.log(f"train/loss_{name}", value, batch_size=size)
         rewards = [r.reward for r in rollouts if r.reward is not None]
         if rewards:
             self.log("train/reward", sum(rewards) / len(rewards), prog_bar=True, batch_size=size)
@@ -331,12 +389,13 @@ class SelfDistillationModule(LightningModule):
             self.log(f"time/{name}", seconds, batch_size=size)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        """The optimizer step, then the EMA teacher update; both skipped (and counted) when the step's loss
-        or gradients are not finite."""
+        """The optimizer step on the step's normalised gradients, then the EMA teacher update; both skipped (and
+        counted) when the step's loss or gradients are not finite."""
         finite = {}
 
         def guarded_closure():
-            loss = optimizer_closure()
+            loss = optimizer_closure()  # the step's last micro-batch: its backward completes the step's gradients
+            finite["values"] = self._normalize_step_gradients()
             # fp16 AMP: the GradScaler skips steps with inf/NaN gradients itself and needs the gradients to see them
             scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
             ok = self.guard.step_is_finite(loss, self.model, check_grads=not scaled)
@@ -347,10 +406,23 @@ class SelfDistillationModule(LightningModule):
             return loss
 
         super().optimizer_step(epoch, batch_idx, optimizer, guarded_closure)
+        self._log_step_loss(finite.get("values", {}))
         self.guard.record(finite.get("ok", True), self.global_step + 1, finite.get("loss"))  # 1-based: this step
         self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
         if finite.get("ok", True):
             self.teacher.update(self.model)
+
+    def _normalize_step_gradients(self) -> dict[str, float]:
+        """Divide the step's gradients by its loss-token count over all micro-batches and ranks; the step's values."""
+        trainer = self.trainer
+        totals, count = self.step_loss.global_totals(trainer.strategy)
+        self.step_loss.scale_gradients(self.model, count, trainer.accumulate_grad_batches, trainer.world_size)
+        return self.step_loss.finish(totals, count)
+
+    def _log_step_loss(self, values: dict[str, float]) -> None:
+        """Log the optimizer step's loss (and hybrid terms) as normalised over the whole step."""
+        for name, value in values.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=1)
 
     def configure_optimizers(self):
         """AdamW over the trainable weights, with linear warm-up."""

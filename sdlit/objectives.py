@@ -1,15 +1,48 @@
 """Training objectives: self-distillation, GRPO, their hybrid and supervised fine-tuning, on response-aligned logits.
 
+Each objective has a per-token form (``*_token_losses``: a ``[B, R]`` tensor, 0 outside the mask) that the module
+sums over a micro-batch and divides by the loss tokens of the whole optimizer step, across gradient-accumulation
+micro-batches and ranks (:func:`loss_sum`, :class:`sdlit.normalization.StepNormalizer`), so that an update does
+not depend on how its rollouts are split. The ``*_loss`` functions are the same objectives averaged over the tokens
+of one batch.
+
 All functions take logits already restricted to the response positions (``[B, R, V]``, see
-:mod:`sdlit.scoring`) and a ``[B, R]`` mask of real response tokens, and average over those tokens;
-:func:`distillation_loss` takes the final hidden states and the output head weight instead when given the head.
+:mod:`sdlit.scoring`) and a ``[B, R]`` mask of real response tokens; :func:`distillation_loss` takes the final
+hidden states and the output head weight instead when given the head.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from sdlit.kernels import fused_linear_divergence, fused_linear_divergence_with_logprobs, per_token_divergence
+
+Normalization = Literal["tokens", "sequences"]
+
+
+def distillation_token_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    output_head: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, R] per-token divergence between teacher and student next-token distributions, 0 where ``mask`` is False.
+
+    With ``output_head`` ([V, H]) the first two arguments are final hidden states ([B, R, H]) and the logits are
+    ``hidden @ output_head.T``, applied in chunks of rows without the [B, R, V] logits
+    (:func:`sdlit.kernels.fused_linear_divergence`).
+    """
+    settings = dict(kind=kind, beta=beta, temperature=temperature)
+    if output_head is None:
+        per_token = per_token_divergence(student_logits, teacher_logits.detach(), mask, **settings)
+    else:
+        per_token = fused_linear_divergence(student_logits, teacher_logits.detach(), output_head, mask, **settings)
+    return per_token.view(mask.shape)
 
 
 def distillation_loss(
@@ -21,18 +54,33 @@ def distillation_loss(
     temperature: float = 1.0,
     output_head: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean per-token divergence between teacher and student next-token distributions over masked tokens.
-
-    With ``output_head`` ([V, H]) the first two arguments are final hidden states ([B, R, H]) and the logits are
-    ``hidden @ output_head.T``, applied in chunks of rows without the [B, R, V] logits
-    (:func:`sdlit.kernels.fused_linear_divergence`).
-    """
-    settings = dict(kind=kind, beta=beta, temperature=temperature)
-    if output_head is None:
-        per_token = per_token_divergence(student_logits, teacher_logits.detach(), mask, **settings)
-    else:
-        per_token = fused_linear_divergence(student_logits, teacher_logits.detach(), output_head, mask, **settings)
+    """Mean per-token divergence over the masked tokens of one batch (see :func:`distillation_token_losses`)."""
+    per_token = distillation_token_losses(student_logits, teacher_logits, mask, kind, beta, temperature, output_head)
     return per_token.sum() / mask.sum().clamp(min=1)
+
+
+def distillation_token_losses_with_logprobs(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    output_head: torch.Tensor,
+    token_ids: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`distillation_token_losses` from final hidden states and the output head, and the log-probs of
+    ``token_ids`` (the response tokens) under the student and the teacher, taken from the same chunks of logits.
+
+    Returns:
+        (per-token losses [B, R], student log-probs [B, R], teacher log-probs [B, R]): log-probs at temperature 1,
+        without gradient; all three 0 where ``mask`` is False.
+    """
+    per_token, student_logprobs, teacher_logprobs = fused_linear_divergence_with_logprobs(
+        student_hidden, teacher_hidden.detach(), output_head, token_ids, mask, kind=kind, beta=beta,
+        temperature=temperature,
+    )
+    return per_token.view(mask.shape), student_logprobs, teacher_logprobs
 
 
 def distillation_loss_with_logprobs(
@@ -45,46 +93,42 @@ def distillation_loss_with_logprobs(
     beta: float = 0.5,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`distillation_loss` from final hidden states and the output head, and the log-probs of ``token_ids``
-    (the response tokens) under the student and the teacher, taken from the same chunks of logits.
-
-    Returns:
-        (loss, student log-probs [B, R], teacher log-probs [B, R]): log-probs at temperature 1, without gradient,
-        0 where ``mask`` is False.
-    """
-    per_token, student_logprobs, teacher_logprobs = fused_linear_divergence_with_logprobs(
-        student_hidden, teacher_hidden.detach(), output_head, token_ids, mask, kind=kind, beta=beta,
-        temperature=temperature,
+    """The batch's mean of :func:`distillation_token_losses_with_logprobs`, and the two [B, R] log-probs."""
+    per_token, student_logprobs, teacher_logprobs = distillation_token_losses_with_logprobs(
+        student_hidden, teacher_hidden, output_head, token_ids, mask, kind, beta, temperature
     )
     return per_token.sum() / mask.sum().clamp(min=1), student_logprobs, teacher_logprobs
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO advantages: each reward minus its group's mean, divided by the group's std (+ eps).
+    """GRPO advantages, as TRL computes them: ``A_i = (r_i - mean_g) / (std_g + eps)`` over the rollouts of group g.
 
-    A group whose rewards are all equal gets zero advantage (no signal), as in GRPO.
+    ``std_g`` is the Bessel-corrected standard deviation ``sqrt(sum_i (r_i - mean_g)^2 / (n_g - 1))`` (torch's and
+    TRL's default). A group of one rollout, and a group whose rewards are all equal, get zero advantage (no signal).
     """
     rewards = rewards.float()
     advantages = torch.zeros_like(rewards)
     for group in groups.unique():
         members = groups == group
         values = rewards[members]
-        std = values.std(unbiased=False) if values.numel() > 1 else values.new_zeros(())
-        advantages[members] = (values - values.mean()) / (std + eps)
+        if values.numel() < 2:
+            continue
+        advantages[members] = (values - values.mean()) / (values.std() + eps)
     return advantages
 
 
-def grpo_loss(
+def grpo_token_losses(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
 ) -> torch.Tensor:
-    """Clipped policy-gradient loss of GRPO, averaged over all response tokens of the batch.
+    """[B, R] clipped policy-gradient loss of GRPO per response token, 0 where ``mask`` is False.
 
     Args:
-        logprobs: [B, R] log-probs of the sampled tokens under the current policy (with gradient).
+        logprobs: [B, R] log-probs of the sampled tokens under the current policy (with gradient), at the
+            sampling temperature.
         old_logprobs: [B, R] log-probs under the policy that sampled them (no gradient).
         advantages: [B] one advantage per rollout.
         mask: [B, R] real response tokens.
@@ -94,8 +138,24 @@ def grpo_loss(
     adv = advantages.unsqueeze(1)
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
-    per_token = -torch.minimum(unclipped, clipped)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return -torch.minimum(unclipped, clipped) * mask
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+) -> torch.Tensor:
+    """Clipped policy-gradient loss of GRPO, averaged over all response tokens of the batch
+    (see :func:`grpo_token_losses`)."""
+    return grpo_token_losses(logprobs, old_logprobs, advantages, mask, clip_eps).sum() / mask.sum().clamp(min=1)
+
+
+def sft_token_losses(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, R] negative log-prob of each target token, 0 where ``mask`` is False."""
+    return -logprobs * mask
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,7 +165,26 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         logprobs: [B, R] log-probs of the target tokens under the model (with gradient).
         mask: [B, R] real target tokens.
     """
-    return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+    return sft_token_losses(logprobs, mask).sum() / mask.sum().clamp(min=1)
+
+
+def loss_sum(
+    token_losses: torch.Tensor, mask: torch.Tensor, normalization: Normalization = "tokens"
+) -> tuple[torch.Tensor, int]:
+    """A micro-batch's share of an optimizer step's loss, before the division by the step's count.
+
+    ``tokens``: (sum of the masked token losses, number of masked tokens); the step's loss is then the mean over
+    all its loss tokens (TRL's token-level normalisation). ``sequences``: (sum over rows of each row's mean masked
+    token loss, number of rows with a masked token); the step's loss is then the mean over its sequences.
+    """
+    mask = mask.to(token_losses.dtype)
+    if normalization == "tokens":
+        return (token_losses * mask).sum(), int(mask.sum())
+    if normalization != "sequences":
+        raise ValueError(f"loss_normalization must be 'tokens' or 'sequences', got {normalization!r}")
+    lengths = mask.sum(dim=1)
+    per_row = (token_losses * mask).sum(dim=1) / lengths.clamp(min=1)
+    return per_row.sum(), int((lengths > 0).sum())
 
 
 def token_advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:

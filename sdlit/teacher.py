@@ -18,8 +18,23 @@ from torch import nn
 TeacherMode = Literal["base", "current", "ema"]
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode (no dropout: a deterministic teacher target) and put back each module's mode."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 class TeacherWeights:
-    """Puts the teacher's weights in place for the duration of a ``with teacher.weights(model):`` block."""
+    """Puts the teacher's weights in place for the duration of a ``with teacher.weights(model):`` block.
+
+    The teacher pass also runs in eval mode (:func:`eval_mode`): with LoRA dropout a train-mode teacher would give
+    a random target."""
 
     def __init__(self, mode: TeacherMode = "base", ema_decay: float = 0.99):
         if mode not in ("base", "current", "ema"):

@@ -57,8 +57,9 @@ def test_reference_rollouts_end_with_eos_and_decode_to_the_target():
 
 
 def test_sft_step_loss_equals_cross_entropy_of_the_full_sequence(tmp_path, tiny_model_dir, monkeypatch):
-    """The training step's loss equals token-level cross-entropy over the response, computed independently on
-    each unpadded prompt + response sequence with F.cross_entropy."""
+    """The training step's loss sum and loss-token count equal the token-level cross-entropy sum and token count
+    over the responses, computed independently on each unpadded prompt + response sequence with F.cross_entropy
+    (the optimizer step divides the one by the other, see sdlit.normalization)."""
     config = write_config(tmp_path, tiny_model_dir, objective="sft", extra_trainer={"max_steps": 0})
     cli = run_cli(["fit", "--config", config])
     module = cli.model
@@ -76,7 +77,8 @@ def test_sft_step_loss_equals_cross_entropy_of_the_full_sequence(tmp_path, tiny_
         targets = ids[0, start:]
         total += F.cross_entropy(logits[start - 1 : -1], targets, reduction="sum").item()
         count += len(targets)
-    assert math.isclose(float(loss), total / count, rel_tol=1e-5)
+    assert math.isclose(float(loss), total, rel_tol=1e-5)
+    assert module.step_loss.count == count
 
 
 def test_sft_fit_samples_nothing_and_lowers_the_loss(tmp_path, tiny_model_dir, monkeypatch):

@@ -1,0 +1,88 @@
+"""The teacher pass is deterministic (eval mode, no LoRA dropout) and leaves the training mode as it was; GRPO's
+log-probs are taken at the sampling temperature; group advantages use TRL's Bessel-corrected std."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from sdlit.cli import run_cli
+from sdlit.module import SelfDistillationModule
+from sdlit.models import LoraSettings
+from sdlit.objectives import group_advantages
+from sdlit.prompts import student_prompt_ids
+from sdlit.rollout import Rollout
+from sdlit.tasks.base import Problem
+
+from test_fit import write_config
+
+
+def rollouts_with_context(tokenizer, count=2):
+    problem = Problem("What is 2 + 3?", "2+3=<<2+3=5>>5\n#### 5", "5", "p0")
+    out = []
+    for i in range(count):
+        response = f"Step 1: 2 + 3 = {5 + i}\nAnswer: {5 + i}"
+        out.append(Rollout(problem=problem, prompt_ids=student_prompt_ids(tokenizer, problem.question),
+                           response_ids=tokenizer(response, add_special_tokens=False)["input_ids"]
+                           + [tokenizer.eos_token_id], response=response, group=0, reward=float(i),
+                           context="The answer is 5."))
+    return out
+
+
+@pytest.mark.parametrize("teacher", ["current", "ema"])
+def test_teacher_pass_is_deterministic_under_lora_dropout_and_restores_the_mode(tiny_model_dir, teacher):
+    module = SelfDistillationModule(model=tiny_model_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.5),
+                                    teacher=teacher)
+    module.configure_model()
+    module.log = lambda *args, **kwargs: None  # called outside a fit loop
+    with torch.no_grad():  # a LoRA B of zeros would make dropout invisible
+        for name, param in module.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    module.model.train()
+    rollouts = rollouts_with_context(module.tokenizer)
+    first, _ = module._teacher_outputs(rollouts)
+    second, _ = module._teacher_outputs(rollouts)
+    assert torch.equal(first, second)
+    assert module.model.training and all(m.training for m in module.model.modules())
+    # and the student pass (train mode) does see dropout: the check above could fail
+    batch = module._student_batch(rollouts)
+    from sdlit.scoring import response_logits
+
+    with torch.no_grad():
+        assert not torch.equal(response_logits(module.model, batch), response_logits(module.model, batch))
+
+
+def test_grpo_logprobs_use_the_sampling_temperature(tmp_path, tiny_model_dir):
+    """Stored log-probs of the sampling policy at T = 0.7, computed independently: the importance ratio is then
+    exactly 1, so each token's GRPO loss is -advantage (at T = 1 it would not be)."""
+    config = write_config(tmp_path, tiny_model_dir, objective="grpo", extra_trainer={"max_steps": 0})
+    parsed = yaml.safe_load(open(config))
+    parsed["data"]["init_args"]["temperature"] = 0.7
+    open(config, "w").write(yaml.safe_dump(parsed))
+    module = run_cli(["fit", "--config", config]).model
+    module.log = lambda *args, **kwargs: None
+    module.model.eval()
+    rollouts = rollouts_with_context(module.tokenizer)
+    for r in rollouts:  # independent reference: the full sequence through the model, log_softmax(logits / T)
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            logits = module.model(input_ids=ids).logits[0, len(r.prompt_ids) - 1 : -1].float()
+        r.logprobs = torch.log_softmax(logits / 0.7, dim=-1).gather(1, ids[0, len(r.prompt_ids):, None])[:, 0].tolist()
+    assert module.grpo_temperature() == 0.7
+    loss = module.training_step(rollouts, 0)
+    advantages = group_advantages(torch.tensor([0.0, 1.0]), torch.tensor([0, 0]))
+    expected = -sum(float(a) * len(r.response_ids) for a, r in zip(advantages, rollouts))
+    assert float(loss) == pytest.approx(expected, abs=1e-4)
+
+
+def test_group_advantages_match_trl_bessel_corrected_std():
+    rewards = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    # by hand: group 0 mean 0.75, sample std sqrt((0.5625 + 3 * 0.0625) / 3) = 0.5; group 1: mean 0.5,
+    # std sqrt(0.5) ; group 2: one rollout, no signal
+    expected = torch.tensor([-0.75 / 0.5001, 0.25 / 0.5001, 0.25 / 0.5001, 0.25 / 0.5001,
+                             0.5 / (0.5 ** 0.5 + 1e-4), -0.5 / (0.5 ** 0.5 + 1e-4), 0.0])
+    assert torch.allclose(group_advantages(rewards, groups), expected, atol=1e-6)
+    assert torch.equal(group_advantages(torch.ones(3), torch.zeros(3, dtype=torch.long)), torch.zeros(3))
