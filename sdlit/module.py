@@ -17,7 +17,7 @@ from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, base_model, load
 from sdlit.normalization import StepLoss
 from sdlit.objectives import Normalization, distillation_token_losses, distillation_token_losses_with_logprobs
 from sdlit.objectives import group_advantages, grpo_token_losses, loss_sum, sft_token_losses, token_advantages
-from sdlit.prompts import teacher_prompt_ids
+from sdlit.prompts import check_teacher_view, teacher_prompt_ids
 from sdlit.rollout import Rollout
 from sdlit.kernels import fused_linear_logprobs
 from sdlit.scoring import ScoringBatch, build_scoring_batch, output_head_weight, response_hidden, response_logits
@@ -67,7 +67,8 @@ class SelfDistillationModule(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: Linear learning-rate warm-up steps.
         max_teacher_length: Longest teacher input in tokens (prompt + context + response); a longer one has
-            its context cut (counted in ``train/truncations``), never its response. Default: the model's window.
+            its context cut (counted in ``train/truncations``), never its question or response. Default: the
+            model's window.
         dtype: Weight dtype, e.g. ``bfloat16``; default fp32 (use ``trainer.precision: bf16-mixed`` for AMP).
         attn_implementation: Attention kernel; default flash-attn on CUDA when installed, else ``sdpa``.
         gradient_checkpointing: Recompute activations in backward to save memory.
@@ -75,7 +76,10 @@ class SelfDistillationModule(LightningModule):
         student_template_kwargs: Extra chat-template arguments of the student prompt, e.g.
             ``{enable_thinking: false}`` for Qwen3 (the paper: student without thinking).
         teacher_template_kwargs: Extra chat-template arguments of the teacher prompt, e.g.
-            ``{enable_thinking: true}`` (the paper: teacher with thinking).
+            ``{enable_thinking: true}`` (the paper: teacher with thinking). The response always follows exactly the
+            tokens the student saw before it: the teacher prompt is its own template up to its generation prompt,
+            then whatever the student's generation prompt has beyond it (Qwen3: the empty think block); a pair of
+            settings whose prompts cannot be aligned this way stops the run at its start (:mod:`sdlit.prompts`).
         length_groups: Score rows of similar length together in the teacher and student passes, skipping most
             padding (same logits; :func:`sdlit.scoring.group_by_length`); off: one padded pass per batch.
         fused_output_head: Apply the output head inside the losses, in chunks of rows, so that the batch's
@@ -305,6 +309,7 @@ class SelfDistillationModule(LightningModule):
             budget = self.max_teacher_tokens() - len(r.response_ids)
             prompt = teacher_prompt_ids(
                 self.tokenizer, r.problem.question, r.context, r.context_header, budget,
+                student_template_kwargs=self.hparams.student_template_kwargs or {},
                 **(self.hparams.teacher_template_kwargs or {}),
             )
             prompts.append(prompt.ids)
@@ -484,6 +489,12 @@ class SelfDistillationModule(LightningModule):
         self.teacher.load_state_dict(checkpoint.get("teacher", {}))
         self.guard.load_state_dict(checkpoint.get("step_guard", {}))
         self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_fit_start(self) -> None:
+        """Before any rollout: the teacher view must line up with the student's (see :mod:`sdlit.prompts`)."""
+        if self.uses_teacher:
+            check_teacher_view(self.tokenizer, self.hparams.student_template_kwargs,
+                               self.hparams.teacher_template_kwargs)
 
     def on_train_start(self) -> None:
         """A resumed fit continues with the random state of its checkpoint, so it samples the same rollouts."""

@@ -82,3 +82,20 @@ def load_bench_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def build_thinking_tokenizer(chat_template: str | None = None):
+    """``build_tokenizer()`` plus ``<think>``/``</think>`` special tokens and a Qwen3-style chat template.
+
+    The default template ends the generation prompt with an empty think block when ``enable_thinking`` is
+    false (``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``), else with ``<|im_start|>assistant\\n``.
+    """
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<think>", "</think>"], special_tokens=True)
+    tokenizer.chat_template = chat_template or (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+        "{% endif %}"
+    )
+    return tokenizer

@@ -7,7 +7,7 @@ import torch
 
 from sdlit.module import SelfDistillationModule
 from sdlit.prompts import student_prompt_ids, teacher_prompt_ids
-from sdlit.rollout import Rollout, sample_rollouts
+from sdlit.rollout import sample_rollouts
 from sdlit.scoring import build_scoring_batch, response_logits, token_logprobs
 from sdlit.tasks.arith import Arith
 
@@ -50,7 +50,8 @@ def test_teacher_logprobs_match_a_separate_pass_on_the_full_teacher_text(module)
             if r.context is None:
                 prompt = r.prompt_ids
             else:
-                prompt = teacher_prompt_ids(module.tokenizer, r.problem.question, r.context, r.context_header, 10**6).ids
+                question, context, header = r.problem.question, r.context, r.context_header
+                prompt = teacher_prompt_ids(module.tokenizer, question, context, header, 10**6).ids
             expected = separate_logprobs(module.model, prompt, r.response_ids)
             got = batched[i, : len(r.response_ids)]
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -130,16 +131,18 @@ def test_chat_template_kwargs_reach_student_and_teacher_prompts(tiny_model_dir):
         teacher_template_kwargs={"enable_thinking": True},
     )
     module.configure_model()
-    module.tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}"
+    module.tokenizer.chat_template = (  # the kwarg shows in a system turn, so both prompts end alike
+        "{% if enable_thinking is defined and not enable_thinking %}<|im_start|>system\n<no-think><|im_end|>\n"
+        "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     problems = Arith(train_size=1).train_problems()
     rollouts = sample_rollouts(
         module.model, module.tokenizer, problems, max_new_tokens=4,
         template_kwargs=module.hparams.student_template_kwargs,
     )
-    assert module.tokenizer.decode(rollouts[0].prompt_ids).endswith("<no-think>")
+    student_text = module.tokenizer.decode(rollouts[0].prompt_ids)
+    assert student_text.startswith("<|im_start|>system\n<no-think>") and student_text.endswith("assistant\n")
     rollouts[0].context = "hint"
     batch, _, _ = module.teacher_batch(rollouts)
     teacher_text = module.tokenizer.decode(batch.input_ids[0][batch.attention_mask[0].bool()])

@@ -84,7 +84,8 @@ def test_missing_step_is_inserted(critic):
 
 def test_missing_step_arith(critic):
     given = lambda p: set(re.findall(r"\d+", p.question))
-    problems = [p for p in _arith_problems(2, 30) if _reference_steps(p.solution)[0].split("=")[-1].split()[0] not in given(p)]
+    problems = [p for p in _arith_problems(2, 30)
+                if _reference_steps(p.solution)[0].split("=")[-1].split()[0] not in given(p)]
     for problem in problems[:5]:
         first, second = _reference_steps(problem.solution)
         result = critic.critique(problem.question, problem.solution, _tagged([second], problem.answer))
@@ -137,7 +138,8 @@ def test_wrong_answer_only(critic):
     lines = _reference_steps(NATALIA["answer"])
     result = critic.critique(NATALIA["question"], NATALIA["answer"], _tagged(lines, 73))
     assert result.case == "wrong" and result.first_error == 2
-    assert result.text.startswith("The final answer is wrong: the final answer is 72, not 73.")
+    assert result.text.startswith("The final answer is wrong: the answer is 72.\n")  # 73 is not quoted
+    assert result.steps[2].reason == "the final answer is 72, not 73"  # the verdict does name it
     assert result.text.endswith(_tagged(lines, 72))
     assert "Answer: 73" not in result.text
 
@@ -149,12 +151,14 @@ def test_irrelevant_quantity(critic):
     assert result.case == "wrong" and result.first_error == 2
     assert result.steps[2].reason == "144 is not a quantity this problem needs"
     assert extra not in result.text and result.text.endswith(_tagged(lines, 72))
+    assert not _mentions(result.text, "144")  # the verdict names the stray quantity, the teacher context does not
 
 
 def test_unsupported_number_without_claim(critic):
     result = critic.critique(NATALIA["question"], NATALIA["answer"], "Step 1: In May she sold 30 clips.\nAnswer: 78")
     assert result.case == "wrong" and result.first_error == 0
     assert "30" in result.steps[0].reason and "sold 30 clips" not in result.text
+    assert not _mentions(result.text, "30") and not _mentions(result.text, "78")
 
 
 def test_untagged(critic):
@@ -208,5 +212,119 @@ def test_wrong_claim_in_parentheses_is_the_first_error(critic):
     response = "Step 1: Lena has 15 stickers.\nStep 2: 4 times as many (15 / 2 = 4).\nStep 3: 15 + 4 = 19.\nAnswer: 19"
     critique = critic.critique(problem.question, problem.solution, response)
     assert critique.case == "wrong" and critique.first_error == 1
-    assert "4 times as many (15 / 2 = 4)" not in critique.text and "15 / 2 is 7.5, not 4" in critique.text
+    assert "4 times as many (15 / 2 = 4)" not in critique.text and "15 / 2 is 7.5." in critique.text
+    assert "not 4" not in critique.text and critique.steps[1].reason == "15 / 2 is 7.5, not 4"
     assert critique.text.rstrip().endswith("Answer: 60")
+
+
+# ---- case D never quotes the error ------------------------------------------------------------------
+def _mentions(text, value):
+    """True when the number ``value`` (e.g. "125000") is written in ``text`` (thousands separators allowed)."""
+    return any(m.replace(",", "") == value for m in re.findall(r"(?<![\d.])\d[\d,]*(?:\.\d+)?(?![\d])", text))
+
+
+def _check_not_quoted(result, wrong_value, right_value, prefix):
+    assert result.case == "wrong"
+    assert not _mentions(result.text, wrong_value), result.text
+    assert _mentions(result.text, right_value), result.text
+    assert result.text.split("Corrected solution:\n")[1].startswith(_tagged(prefix) if prefix else "")
+
+
+@pytest.mark.parametrize("row,at,wrong_line,wrong_value,right_value", [
+    (NATALIA, 0, "Natalia sold 48/2 = 25 clips in May.", "25", "24"),  # step 1
+    (JOSH, 1, "He increased the value of the house by 80,000*1.5=125,000", "125000", "120000"),  # a middle step
+    (JOSH, 2, "So the new value of the house is 120,000+80,000=$210,000", "210000", "200000"),
+    (NATALIA, 0, "Natalia sold 47/2 = 24 clips in May.", "47", "24"),  # a miscopied operand is not quoted either
+])
+def test_wrong_step_text_does_not_quote_the_wrong_value(critic, row, at, wrong_line, wrong_value, right_value):
+    lines = _reference_steps(row["answer"])
+    response = _tagged(lines[:at] + [wrong_line] + lines[at + 1 :], GOLD["natalia" if row is NATALIA else "josh"])
+    result = critic.critique(row["question"], row["answer"], response)
+    assert result.first_error == at and wrong_value in result.steps[at].reason.replace(",", "")  # the verdict says it
+    _check_not_quoted(result, wrong_value, right_value, lines[:at])
+    assert result.text.splitlines()[0].startswith(f"Step {at + 1} is wrong: ")
+
+
+def test_wrong_middle_step_arith_does_not_quote_the_wrong_value(critic):
+    for problem in _arith_problems(3, 5):
+        lines = _reference_steps(problem.solution)
+        wrong_line = _plant(lines[1])
+        wrong_value = re.findall(r"\d+", wrong_line)[-1]
+        right_value = re.findall(r"\d+", lines[1])[-1]
+        assert not _mentions(problem.question + problem.solution, wrong_value)
+        result = critic.critique(problem.question, problem.solution, _tagged([lines[0], wrong_line], problem.answer))
+        assert result.first_error == 1, (problem.solution, result)
+        _check_not_quoted(result, wrong_value, right_value, lines[:1])
+
+
+@pytest.mark.parametrize("row,answer,wrong_value", [(NATALIA, "73", "73"), (JOSH, "$75,000", "75000")])
+def test_wrong_answer_line_text_does_not_quote_the_wrong_answer(critic, row, answer, wrong_value):
+    lines = _reference_steps(row["answer"])
+    gold = GOLD["natalia" if row is NATALIA else "josh"]
+    result = critic.critique(row["question"], row["answer"], _tagged(lines, answer))
+    assert result.first_error == len(lines) and result.steps[-1].verdict == "wrong"
+    _check_not_quoted(result, wrong_value, gold, lines)
+    assert result.text.startswith(f"The final answer is wrong: the answer is {gold}.")
+    assert result.text.endswith(_tagged(lines, gold))
+
+
+# ---- a chain stopped short, its partial result answered as final -------------------------------------
+def _result(line):
+    """The result of a reference line ("... = 24 clips" -> "24")."""
+    return re.findall(r"=\s*\$?([\d,]+)", line)[-1].replace(",", "")
+
+
+def _check_stopped_short(result, lines, stop, partial, gold):
+    """Case D at the last work step (index ``stop``): its verdict is wrong, no earlier one is."""
+    assert result.case == "wrong" and result.first_error == stop, result
+    assert [v.verdict for v in result.steps[:stop]] == ["correct"] * stop
+    assert result.steps[stop].verdict == "wrong" and result.steps[stop + 1].verdict == "wrong"
+    headline = result.text.split("Corrected solution:\n")[0]
+    assert headline.startswith(f"Step {stop + 1} is wrong: ") and "stops" in headline
+    assert not _mentions(headline, partial) and f"Answer: {partial}" not in result.text
+    assert result.text.endswith(_tagged(lines, gold))  # every solver step copied, then continued from there
+
+
+def test_stopped_short_after_one_of_two_steps(critic):
+    for problem in _arith_problems(2, 5):
+        lines = _reference_steps(problem.solution)
+        partial = _result(lines[0])
+        result = critic.critique(problem.question, problem.solution, _tagged(lines[:1], partial))
+        _check_stopped_short(result, lines, 0, partial, problem.answer)
+
+
+def test_stopped_short_after_two_of_three_steps(critic):
+    for problem in _arith_problems(3, 5):
+        lines = _reference_steps(problem.solution)
+        partial = _result(lines[1])
+        result = critic.critique(problem.question, problem.solution, _tagged(lines[:2], partial))
+        _check_stopped_short(result, lines, 1, partial, problem.answer)
+
+
+@pytest.mark.parametrize("row,stop", [(NATALIA, 0), (JOSH, 0), (JOSH, 2)])
+def test_stopped_short_answers_an_intermediate_of_the_reference(critic, row, stop):
+    lines = _reference_steps(row["answer"])
+    partial = _result(lines[stop])  # a quantity of the reference solution, not its answer
+    result = critic.critique(row["question"], row["answer"], _tagged(lines[: stop + 1], f"${int(partial):,}"))
+    _check_stopped_short(result, lines, stop, partial, GOLD["natalia" if row is NATALIA else "josh"])
+
+
+def test_stopped_short_at_a_step_that_restates_the_partial_result(critic):
+    lines = _reference_steps(NATALIA["answer"])
+    restated = "So she sold 24 clips in May."
+    result = critic.critique(NATALIA["question"], NATALIA["answer"], _tagged([lines[0], restated], 24))
+    assert result.case == "wrong" and result.first_error == 1  # the last work step is where it stopped
+    assert result.text.endswith(_tagged([lines[0], restated, lines[1]], 72))
+
+
+def test_answering_an_intermediate_after_finishing_blames_the_answer_line(critic):
+    lines = _reference_steps(NATALIA["answer"])
+    result = critic.critique(NATALIA["question"], NATALIA["answer"], _tagged(lines, 24))  # 72 was computed
+    assert result.case == "wrong" and result.first_error == 2 and result.steps[1].verdict == "correct"
+    assert result.text.endswith(_tagged(lines, 72)) and "Answer: 24" not in result.text
+
+
+def test_stopped_short_without_an_answer_line_is_incomplete(critic):
+    lines = _reference_steps(NATALIA["answer"])
+    result = critic.critique(NATALIA["question"], NATALIA["answer"], _tagged(lines[:1]))
+    assert result.case == "incomplete" and result.first_error is None

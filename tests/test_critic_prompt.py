@@ -29,7 +29,8 @@ def test_good_reply_gives_the_first_error_and_the_corrected_context():
     assert [v.verdict for v in critique.steps] == ["correct", "wrong", "wrong", "wrong"]
     assert [v.index for v in critique.steps] == [0, 1, 2, 3]
     assert critique.steps[1].reason == "7 * 2 is 14, not 15" and critique.steps[0].reason == ""
-    assert critique.text.startswith("Step 2 is wrong: 7 * 2 is 14, not 15.\nCorrected solution:\nStep 1: 3 + 4 = 7")
+    # the headline keeps the reason but not the wrong value (a critique that quotes the error reinforces it)
+    assert critique.text.startswith("Step 2 is wrong: 7 * 2 is 14.\nCorrected solution:\nStep 1: 3 + 4 = 7")
     assert critique.text.endswith("Answer: 13") and "Verdicts" not in critique.text
     assert critique.tagged
 
@@ -75,6 +76,28 @@ def test_answer_line_error_points_at_the_answer_step():
              "Case: D\nCorrected solution:\nAnswer: 13")
     critique = CritiqueParser().parse(reply, RESPONSE)
     assert critique.first_error == 3 and critique.text.startswith("The final answer is wrong: the answer is 13.")
+
+
+@pytest.mark.parametrize("reason,headline", [
+    ("7 * 2 is 14, not 15", "Step 2 is wrong: 7 * 2 is 14."),
+    ("the student wrote 15 instead of 14", "Step 2 is wrong."),  # names the wrong value another way: dropped
+    ("15 is wrong; 7 * 2 is 14", "Step 2 is wrong."),
+    ("7 * 2 is 14", "Step 2 is wrong: 7 * 2 is 14."),
+    ("", "Step 2 is wrong."),
+])
+def test_case_d_headline_never_quotes_the_wrong_value(reason, headline):
+    reply = WRONG_REPLY.replace("Step 2: wrong - 7 * 2 is 14, not 15", f"Step 2: wrong - {reason}" if reason
+                                else "Step 2: wrong")
+    critique = CritiqueParser().parse(reply, RESPONSE)
+    first_line = critique.text.splitlines()[0]
+    assert first_line == headline and "15" not in first_line
+
+
+def test_wrong_answer_headline_drops_the_wrong_answer():
+    reply = ("Verdicts:\nStep 1: correct\nStep 2: correct\nStep 3: correct\nAnswer: wrong - 14 is wrong, it is 13\n"
+             "Case: D\nCorrected solution:\nAnswer: 13")
+    critique = CritiqueParser().parse(reply, "Step 1: 3 + 4 = 7\nStep 2: 7 * 2 = 14\nStep 3: 14 - 1 = 13\nAnswer: 14")
+    assert critique.text.startswith("The final answer is wrong.\n")
 
 
 def test_wrong_verdict_outweighs_a_case_line_saying_correct():

@@ -122,7 +122,7 @@ def test_good_critique_is_parsed_into_the_first_error(serve):
     server = serve(lambda n, body, headers: (200, completion(GOOD_REPLY), 0.0))
     result = critic(server, temperature=0.0, max_tokens=321).critique(QUESTION, SOLUTION, RESPONSE)
     assert result.case == "wrong" and result.first_error == 1
-    assert result.text.startswith("Step 2 is wrong: 7 * 2 is 14, not 15.") and "<think>" not in result.text
+    assert result.text.startswith("Step 2 is wrong: 7 * 2 is 14.\n") and "<think>" not in result.text
     (body,) = server.requests
     assert body["model"] == "critic-model" and body["temperature"] == 0.0 and body["max_tokens"] == 321
     assert [m["role"] for m in body["messages"]] == ["system", "user"]

@@ -86,3 +86,18 @@ def test_group_advantages_match_trl_bessel_corrected_std():
                              0.5 / (0.5 ** 0.5 + 1e-4), -0.5 / (0.5 ** 0.5 + 1e-4), 0.0])
     assert torch.allclose(group_advantages(rewards, groups), expected, atol=1e-6)
     assert torch.equal(group_advantages(torch.ones(3), torch.zeros(3, dtype=torch.long)), torch.zeros(3))
+
+
+def test_skip_first_response_tokens_leaves_them_out_of_the_distillation_loss(tiny_model_dir):
+    module = SelfDistillationModule(model=tiny_model_dir, lora=None, skip_first_response_tokens=2)
+    module.configure_model()
+    rollouts = rollouts_with_context(module.tokenizer)
+    rollouts[1].context = None  # no teacher context: none of its tokens is a loss token
+    batch = module._student_batch(rollouts)
+    mask = module.distillation_mask(batch, torch.tensor([True, False]))
+    expected = batch.response_mask.clone()
+    expected[:, :2] = False
+    expected[1] = False
+    assert torch.equal(mask, expected) and mask[0].sum() == len(rollouts[0].response_ids) - 2
+    with pytest.raises(ValueError, match="skip_first_response_tokens"):
+        SelfDistillationModule(model=tiny_model_dir, skip_first_response_tokens=-1)

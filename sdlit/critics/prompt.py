@@ -194,8 +194,8 @@ class CritiqueParser:
         if wrong:
             case = "wrong"  # a step marked wrong outweighs a case line that says otherwise
         first_error = wrong[0] if wrong else None
-        context = text if self.context == "full" else f"{_headline(case, first_error, verdicts, steps)}\n" \
-                                                      f"Corrected solution:\n{corrected}"
+        headline = _headline(case, first_error, verdicts, steps, corrected)
+        context = text if self.context == "full" else f"{headline}\nCorrected solution:\n{corrected}"
         return Critique(case, first_error, verdicts, context, has_step_tags(response))
 
     def _verdicts(self, head: str, steps: list[Step]) -> list[StepVerdict]:
@@ -241,16 +241,33 @@ class CritiqueParser:
         return "correct" if any(s.kind == "answer" for s in steps) else "incomplete"
 
 
-def _headline(case: str, first_error: int | None, verdicts: list[StepVerdict], steps: list[Step]) -> str:
-    """One line that states the critic's finding (the wrong step itself is never quoted)."""
+def _headline(case: str, first_error: int | None, verdicts: list[StepVerdict], steps: list[Step],
+              corrected: str = "") -> str:
+    """One line that states the critic's finding. The wrong step itself is never quoted, and neither is a wrong
+    value from it: the critic's reason loses any number of the wrong step that the corrected solution lacks
+    (see :func:`_reason_without_wrong_values`), since a critique that quotes the error reinforces it."""
     if case == "correct":
         return "All steps are correct and the final answer is right."
     if case == "missing_step":
         return "The final answer is right, but a step is missing; it is added below."
     if case == "incomplete":
         return "The solution is unfinished; it is finished below."
-    reason = verdicts[first_error].reason
+    reason = _reason_without_wrong_values(verdicts[first_error].reason, steps[first_error].text, corrected)
     if steps[first_error].kind == "answer":
         return "The final answer is wrong" + (f": {reason}." if reason else ".")
     number = sum(1 for s in steps[: first_error + 1] if s.kind == "step")
     return f"Step {number} is wrong" + (f": {reason}." if reason else ".")
+
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*")
+_NOT_CLAUSE = re.compile(r"[,;]?\s*(?:and\s+|but\s+)?not\s+(-?\d+(?:[.,]\d+)*)")
+
+
+def _reason_without_wrong_values(reason: str, wrong_step: str, corrected: str) -> str:
+    """The critic's reason with the wrong step's wrong values taken out: a "not X" clause naming one is cut; a
+    reason that still names one is dropped ('')."""
+    wrong = set(_NUMBER.findall(wrong_step)) - set(_NUMBER.findall(corrected))
+    if not reason or not wrong:
+        return reason.rstrip(".") if reason else reason
+    cleaned = _NOT_CLAUSE.sub(lambda m: "" if m.group(1) in wrong else m.group(0), reason).strip().rstrip(",;.")
+    return "" if set(_NUMBER.findall(cleaned)) & wrong else cleaned
