@@ -24,6 +24,7 @@ Models whose forward takes no ``StaticCache`` fall back to ``generate`` (see :fu
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -78,11 +79,11 @@ def _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_toke
     batch, width = input_ids.shape
     total = width + max_new_tokens
     cache = StaticCache(config=model.config, max_cache_len=total)
-    cache_argument = _cache_argument(model)  # looked up once, not at every decoded token
+    arguments = _forward_arguments(model)  # looked up once, not at every decoded token
     attention = torch.zeros((batch, total), dtype=torch.long, device=device)
     attention[:, :width] = mask
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = _prefill(model, cache_argument, cache, input_ids, mask, positions)
+    logits = _prefill(model, arguments, cache, input_ids, mask, positions)
     step = LlamaDecodeStep(model, rows=batch * n) if lean and _plain_static_layers(cache, model, filled=True) else None
 
     rows = torch.arange(batch, device=device).repeat_interleave(n)  # prompt of each sampled row
@@ -113,34 +114,38 @@ def _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_toke
         if step is not None:
             logits = step(cache, tokens, next_position, attention, width + t)
         else:
-            logits = _forward(model, cache_argument, cache, tokens[:, None], attention[:, : width + t + 1],
-                              next_position[:, None])
+            column = torch.tensor([width + t], device=device)
+            logits = _forward(model, arguments, cache, tokens[:, None], attention[:, : width + t + 1],
+                              next_position[:, None], column)
         next_position = next_position + 1
     return [out[i, : lengths[i]].tolist() for i in range(batch * n)]
 
 
-def _prefill(model, cache_argument, cache, input_ids, mask, positions) -> torch.Tensor:
-    """Last-position logits [B, V] of the left-padded prompts, with their keys and values written into ``cache``.
+def _prefill(model, arguments, cache, input_ids, mask, positions) -> torch.Tensor:
+    """Last-position logits [B, V] of the left-padded prompts, with their keys and values written into ``cache``
+    at columns ``0 .. width - 1``.
 
-    Prompts of very different lengths run in length groups, each with a dynamic cache of its own and on only the
-    columns it uses; the groups' keys and values are then written into the static cache at their columns (the same
-    entries a single padded pass writes on real tokens, padding columns are masked). Caches whose layers are not all
-    plain full-attention static layers (sliding windows, ...) get the single padded pass.
+    Prompts of very different lengths run in length groups, each with a dynamic cache of its own (filled from its
+    column 0) and on only the columns it uses; the groups' keys and values are then written into the static cache at
+    their columns (the same entries a single padded pass writes on real tokens, padding columns are masked). Caches
+    whose layers are not all plain full-attention static layers (sliding windows, ...) get the single padded pass.
     """
     from transformers import DynamicCache
 
     lengths = mask.sum(dim=1).tolist()
     groups = group_by_length(lengths, [0] * len(lengths))
-    if len(groups) <= 1 or not _plain_static_layers(cache, model):
-        return _forward(model, cache_argument, cache, input_ids, mask, positions)
     batch, width = input_ids.shape
+    every_column = torch.arange(width, device=input_ids.device)
+    if len(groups) <= 1 or not _plain_static_layers(cache, model):
+        return _forward(model, arguments, cache, input_ids, mask, positions, every_column)
     logits, keys, values = None, {}, {}
     for rows in groups:
         index = torch.tensor(rows, device=input_ids.device)
-        columns = slice(width - max(lengths[i] for i in rows), width)
+        group_width = max(lengths[i] for i in rows)
+        columns = slice(width - group_width, width)
         group_cache = DynamicCache()
-        part = _forward(model, cache_argument, group_cache, input_ids[index, columns], mask[index, columns],
-                        positions[index, columns])
+        part = _forward(model, arguments, group_cache, input_ids[index, columns], mask[index, columns],
+                        positions[index, columns], every_column[:group_width])
         if logits is None:
             logits = part.new_zeros((batch, part.shape[-1]))
         logits[index] = part
@@ -150,8 +155,8 @@ def _prefill(model, cache_argument, cache, input_ids, mask, positions) -> torch.
                     heads, head_dim = group_states.shape[1], group_states.shape[-1]
                     store[layer] = group_states.new_zeros((batch, heads, width, head_dim))
                 store[layer][index, :, columns] = group_states
-    for layer in range(len(keys)):
-        cache.update(keys[layer], values[layer], layer)
+    for layer in range(len(keys)):  # cache_kwargs: transformers 4.x writes at its cache_position, 5.x appends
+        cache.update(keys[layer], values[layer], layer, {"cache_position": every_column})
     return logits
 
 
@@ -164,19 +169,33 @@ def _plain_static_layers(cache, model, filled: bool = False) -> bool:
     expected = getattr(model.config, "num_hidden_layers", None)
     return (
         bool(layers) and len(layers) == expected
-        and all(type(layer) is StaticLayer and layer.is_initialized == filled for layer in layers)
+        and all(type(layer) is StaticLayer and _is_filled(layer) == filled for layer in layers)
     )
 
 
-def _forward(model, cache_argument, cache, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """Logits of the last position, [B, V], appending the new keys and values to ``cache``."""
+def _is_filled(layer) -> bool:
+    """Whether a cache layer holds its tensors (``is_initialized`` from transformers 4.57, ``keys`` before)."""
+    filled = getattr(layer, "is_initialized", None)
+    return bool(filled) if filled is not None else getattr(layer, "keys", None) is not None
+
+
+def _forward(model, arguments, cache, input_ids, attention_mask, position_ids, columns) -> torch.Tensor:
+    """Logits of the last position, [B, V], with the new keys and values written into ``cache`` at ``columns``.
+
+    ``columns`` [L]: the cache column of each input position, passed as ``cache_position`` where the model's forward
+    takes one (transformers 4.x; otherwise it derives them from ``cache.get_seq_length()``, which a static cache
+    counts on the non-zero keys of row 0). Forwards without it (transformers 5.x) have their cache count the columns.
+    """
+    names = {arguments.cache: cache}
+    if arguments.cache_position:
+        names["cache_position"] = columns
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
         logits_to_keep=1,
-        **{cache_argument: cache},
+        **names,
     )
     return output.logits[:, -1]
 
@@ -222,6 +241,20 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "c
             ids[i, width - len(row) :] = torch.tensor(row)
             mask[i, width - len(row) :] = 1
     return ids.to(device), mask.to(device)
+
+
+@dataclass(frozen=True)
+class _ForwardArguments:
+    """How the model's forward takes its cache: the cache's argument name, and whether it takes ``cache_position``."""
+
+    cache: str
+    cache_position: bool
+
+
+def _forward_arguments(model) -> _ForwardArguments:
+    """The model's :class:`_ForwardArguments`, from its forward's signature."""
+    params = inspect.signature(base_model(model).forward).parameters
+    return _ForwardArguments(cache=_cache_argument(model), cache_position="cache_position" in params)
 
 
 def _cache_argument(model) -> str | None:
