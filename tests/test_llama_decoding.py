@@ -62,7 +62,8 @@ def test_decode_steps_give_the_logits_of_a_full_forward(settings, pack):
     cache = StaticCache(config=model.config, max_cache_len=width + steps)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache)
+        cache_argument = generation._cache_argument(model)  # `past_key_values` in transformers 4.x
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_argument: cache})
     step = LlamaDecodeStep(model, rows=batch, pack=pack)
     attention = torch.cat([mask, torch.zeros(batch, steps, dtype=torch.long)], dim=1)
     rows = [list(p) for p in PROMPTS]
