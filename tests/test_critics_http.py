@@ -58,12 +58,16 @@ class ChatServer:
                     server.headers.append(dict(self.headers))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                counted = True
                 try:
                     if self.path != "/v1/chat/completions":
                         status, payload, delay = 404, b"no such route", 0.0
                     else:
                         status, payload, delay = server.script(n, body, dict(self.headers))
                     time.sleep(delay)
+                    with server.lock:  # out of flight before the reply is sent: the client may send the next at once
+                        server.in_flight -= 1
+                        counted = False
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
@@ -72,8 +76,9 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    if counted:
+                        with server.lock:
+                            server.in_flight -= 1
 
             def log_message(self, *args):
                 pass
