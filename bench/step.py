@@ -11,7 +11,8 @@ Per condition (``reference``: self-distillation, the teacher sees the reference 
    (``bench/trl_peer.py``; needs ``pip install -e '.[bench]'``); with ``--rounds N`` the pair runs N times and each
    side's table row is its fastest round, every round printed beside it;
 3. ablations (``--ablations``): sdlit again with one speed-up off (length-grouped scoring, the sampler, the fused
-   output head, the lean Llama decode step, huge pages), so each speed-up shows its effect on the whole step;
+   output head, the lean Llama decode step, huge pages), so each speed-up shows its effect on the whole step, or
+   with one variant on (``nf4``: the QLoRA solver, for its step time and memory against the unquantised one);
 4. rollout generation alone: sdlit's sampler (``data.sampler: static_cache``) against plain ``model.generate`` on
    the same batch, alternating, tokens/s (real tokens, up to each row's EOS).
 
@@ -46,6 +47,7 @@ ABLATIONS = {  # speed-up -> (worker flags that turn it off, label)
     "logits_head": (["--fused-output-head", "on"], "fused output head forced on"),
     "huge_pages": (["--huge-pages", "off"], "glibc heap for large tensors (THP_MEM_ALLOC_ENABLE=0)"),
     "llama_decoding": (["--llama-decoding", "off"], "decode steps by the model's forward (no lean Llama step)"),
+    "nf4": (["--quantization", "nf4"], "QLoRA: nf4 base through bitsandbytes (model.quantization: nf4)"),
 }
 
 
@@ -67,13 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run sdlit with one setting changed: length_groups off, sampler: plain generate, "
                         "fused_head: losses from logits, logits_head: fused output head forced on, "
                         "huge_pages: large CPU tensors on the glibc heap instead of transparent huge pages, "
-                        "llama_decoding: the sampler's decode steps through the model's own forward")
+                        "llama_decoding: the sampler's decode steps through the model's own forward, "
+                        "nf4: the solver's linears in 4 bits (QLoRA; needs the quantization extra)")
     p.add_argument("--json", default=None, help="also write every result to this file")
     p.add_argument("--sampler", choices=["static_cache", "generate"], default="static_cache", help=argparse.SUPPRESS)
     p.add_argument("--length-groups", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     p.add_argument("--fused-output-head", choices=["auto", "on", "off"], default="auto", help=argparse.SUPPRESS)
     p.add_argument("--huge-pages", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     p.add_argument("--llama-decoding", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
+    p.add_argument("--quantization", choices=["none", "nf4", "fp4", "int8"], default="none", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["sdlit", "generation"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--condition", choices=list(ROLLOUTS), default="reference", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -119,6 +123,7 @@ def sdlit_worker(args) -> dict:
         divergence="forward_kl", learning_rate=args.lr, gradient_checkpointing=grpo,
         length_groups=args.length_groups == "on",
         fused_output_head={"auto": None, "on": True, "off": False}[args.fused_output_head],
+        quantization=None if args.quantization == "none" else args.quantization,
     )
     data = RolloutDataModule(
         task=GSM8K(train_size=args.prompts * args.steps), batch_size=args.prompts,
@@ -137,7 +142,7 @@ def sdlit_worker(args) -> dict:
     return {"side": "sdlit", "condition": args.condition, "steps": recorder.steps, "peak_rss_mib": peak_rss_mib(),
             "sampler": args.sampler, "length_groups": args.length_groups,
             "fused_output_head": args.fused_output_head, "huge_pages": huge_pages_in_use(),
-            "llama_decoding": args.llama_decoding}
+            "llama_decoding": args.llama_decoding, "quantization": args.quantization}
 
 
 class StepRecorder(Callback):
