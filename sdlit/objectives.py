@@ -2,13 +2,12 @@
 
 Each objective has a per-token form (``*_token_losses``: a ``[B, R]`` tensor, 0 outside the mask) that the module
 sums over a micro-batch and divides by the loss tokens of the whole optimizer step, across gradient-accumulation
-micro-batches and ranks (:func:`loss_sum`, :class:`sdlit.normalization.StepNormalizer`), so that an update does
-not depend on how its rollouts are split. The ``*_loss`` functions are the same objectives averaged over the tokens
-of one batch.
+micro-batches and ranks (:func:`loss_sum`, :class:`sdlit.normalization.StepLoss`), so that an update does not
+depend on how its rollouts are split.
 
 All functions take logits already restricted to the response positions (``[B, R, V]``, see
-:mod:`sdlit.scoring`) and a ``[B, R]`` mask of real response tokens; :func:`distillation_loss` takes the final
-hidden states and the output head weight instead when given the head.
+:mod:`sdlit.scoring`) and a ``[B, R]`` mask of real response tokens; :func:`distillation_token_losses` takes the
+final hidden states and the output head weight instead when given the head.
 """
 
 from __future__ import annotations
@@ -45,20 +44,6 @@ def distillation_token_losses(
     return per_token.view(mask.shape)
 
 
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    mask: torch.Tensor,
-    kind: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    output_head: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean per-token divergence over the masked tokens of one batch (see :func:`distillation_token_losses`)."""
-    per_token = distillation_token_losses(student_logits, teacher_logits, mask, kind, beta, temperature, output_head)
-    return per_token.sum() / mask.sum().clamp(min=1)
-
-
 def distillation_token_losses_with_logprobs(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -81,23 +66,6 @@ def distillation_token_losses_with_logprobs(
         temperature=temperature,
     )
     return per_token.view(mask.shape), student_logprobs, teacher_logprobs
-
-
-def distillation_loss_with_logprobs(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    output_head: torch.Tensor,
-    token_ids: torch.Tensor,
-    mask: torch.Tensor,
-    kind: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The batch's mean of :func:`distillation_token_losses_with_logprobs`, and the two [B, R] log-probs."""
-    per_token, student_logprobs, teacher_logprobs = distillation_token_losses_with_logprobs(
-        student_hidden, teacher_hidden, output_head, token_ids, mask, kind, beta, temperature
-    )
-    return per_token.sum() / mask.sum().clamp(min=1), student_logprobs, teacher_logprobs
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -141,31 +109,9 @@ def grpo_token_losses(
     return -torch.minimum(unclipped, clipped) * mask
 
 
-def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps: float = 0.2,
-) -> torch.Tensor:
-    """Clipped policy-gradient loss of GRPO, averaged over all response tokens of the batch
-    (see :func:`grpo_token_losses`)."""
-    return grpo_token_losses(logprobs, old_logprobs, advantages, mask, clip_eps).sum() / mask.sum().clamp(min=1)
-
-
 def sft_token_losses(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, R] negative log-prob of each target token, 0 where ``mask`` is False."""
     return -logprobs * mask
-
-
-def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the target tokens: mean negative log-prob over all masked tokens of the batch.
-
-    Args:
-        logprobs: [B, R] log-probs of the target tokens under the model (with gradient).
-        mask: [B, R] real target tokens.
-    """
-    return sft_token_losses(logprobs, mask).sum() / mask.sum().clamp(min=1)
 
 
 def loss_sum(

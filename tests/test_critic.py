@@ -285,20 +285,13 @@ def _check_stopped_short(result, lines, stop, partial, gold):
     assert result.text.endswith(_tagged(lines, gold))  # every solver step copied, then continued from there
 
 
-def test_stopped_short_after_one_of_two_steps(critic):
-    for problem in _arith_problems(2, 5):
+@pytest.mark.parametrize("steps,stop", [(2, 0), (3, 1)])  # stops after one of two steps, after two of three
+def test_stopped_short_after_some_of_the_steps(critic, steps, stop):
+    for problem in _arith_problems(steps, 5):
         lines = _reference_steps(problem.solution)
-        partial = _result(lines[0])
-        result = critic.critique(problem.question, problem.solution, _tagged(lines[:1], partial))
-        _check_stopped_short(result, lines, 0, partial, problem.answer)
-
-
-def test_stopped_short_after_two_of_three_steps(critic):
-    for problem in _arith_problems(3, 5):
-        lines = _reference_steps(problem.solution)
-        partial = _result(lines[1])
-        result = critic.critique(problem.question, problem.solution, _tagged(lines[:2], partial))
-        _check_stopped_short(result, lines, 1, partial, problem.answer)
+        partial = _result(lines[stop])
+        result = critic.critique(problem.question, problem.solution, _tagged(lines[: stop + 1], partial))
+        _check_stopped_short(result, lines, stop, partial, problem.answer)
 
 
 @pytest.mark.parametrize("row,stop", [(NATALIA, 0), (JOSH, 0), (JOSH, 2)])
