@@ -111,6 +111,10 @@ def load_model(
         )
     except (OSError, ValueError) as err:
         raise _load_error(name, err) from err
+    if quantization is not None:
+        from sdlit.quantization import one_cpu_4bit_kernel
+
+        one_cpu_4bit_kernel(model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.generation_config.eos_token_id
     return model

@@ -21,6 +21,8 @@ from torch import nn
 
 from sdlit.checkpointing import preserved_rng_states
 
+log = logging.getLogger(__name__)
+
 Quantization = Literal["nf4", "fp4", "int8"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 QUANTIZATIONS = ("nf4", "fp4", "int8")
@@ -114,6 +116,28 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool):
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+
+
+def one_cpu_4bit_kernel(model: nn.Module) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 packed CPU kernel on every 4-bit layer; returns how many had it on.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 kernel the first time the layer runs
+    in eval mode without gradients, and from then on computes in bf16. That is the teacher pass but not the
+    student pass, so the two would score the same weights with different kernels (a divergence that is not there),
+    and the repacking fails outright for layers narrower than the quantisation block. One kernel for every pass.
+    """
+    if not _bnb_linear_types():
+        return 0
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    switched = sum(bool(getattr(m, "support_avx512bf16_for_cpu", False)) for m in layers)
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    if switched:
+        log.info("bitsandbytes: the AVX512-BF16 packed CPU kernel is off on %d 4-bit layers (one kernel for the "
+                 "teacher and the student passes)", switched)
+    return switched
 
 
 def build_optimizer(kind: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
