@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from sdlit.critics import ArithmeticStepCritic, HFCritic  # noqa: E402
 from sdlit.models import load_model, load_tokenizer  # noqa: E402
-from sdlit.rollout import sample_rollouts  # noqa: E402
+from sdlit.sampling import sample_rollouts  # noqa: E402
+from sdlit.settings import SamplingSettings  # noqa: E402
 from sdlit.tasks.gsm8k import GSM8K  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def solver_answers(model_name: str, n: int, max_new_tokens: int):
     tokenizer, model = load_tokenizer(model_name), load_model(model_name).eval()
     problems = GSM8K().eval_problems()[:n]
     with torch.inference_mode():
-        return sample_rollouts(model, tokenizer, problems, n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        return sample_rollouts(model, tokenizer, problems, n=1, settings=SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens))
 
 
 def parse(critic: HFCritic, reply: str, response: str):

@@ -88,9 +88,13 @@ def run_config(name: str, run_dir: Path, seed: int = 0, **settings) -> dict:
     for key, value in settings.get("trainer", {}).items():
         if value is not None:
             trainer[key] = value
-    for key, value in settings.get("data", {}).items():
+    for key, value in settings.get("data", {}).items():  # "evaluation.k": a key of a settings group
+        *groups, name = key.split(".")
         if value is not None:
-            data[key] = value
+            target = data
+            for group in groups:
+                target = target.setdefault(group, {})
+            target[name] = value
     for key, value in settings.get("task", {}).items():
         if value is not None:
             task[key] = value
@@ -337,7 +341,7 @@ def main(argv=None) -> None:
         warm_dir, args.threads, resume=True))
     stage(state, state_path, "filter", split_dir / "filter.json", lambda: run_sdlit(
         "validate", run_config("filter", out / "filter", model=warm_model, split_dir=split_dir,
-                               data={"eval_k": args.filter_k}, task={"eval_size": args.candidates},
+                               data={"evaluation.k": args.filter_k}, task={"eval_size": args.candidates},
                                callbacks={"ProblemBandFilter.held_out": args.held_out}),
         out / "filter", args.threads))
     for seed in args.seeds:

@@ -97,14 +97,6 @@ def huge_pages_in_use() -> bool:
     return any(line.startswith("AnonHugePages:") and int(line.split()[1]) > 0 for line in rollup.splitlines())
 
 
-def use_llama_decoding(on: bool) -> None:
-    """Whether the sampler decodes Llama models with the lean step (``sdlit.llama_decoding``) or the model forward."""
-    import sdlit.generation
-    from sdlit.llama_decoding import supports_llama_decoding
-
-    sdlit.generation.supports_llama_decoding = supports_llama_decoding if on else (lambda model: False)
-
-
 def sdlit_worker(args) -> dict:
     """``args.steps`` optimizer steps of ``sdlit`` on the condition; per-step phase seconds and token counts."""
     import lightning as L
@@ -113,10 +105,10 @@ def sdlit_worker(args) -> dict:
     from sdlit.data import RolloutDataModule
     from sdlit.models import LoraSettings
     from sdlit.module import SelfDistillationModule
+    from sdlit.settings import SamplingSettings
     from sdlit.tasks.gsm8k import GSM8K
 
     L.seed_everything(0, verbose=False)
-    use_llama_decoding(args.llama_decoding == "on")
     grpo = args.condition == "grpo"
     module = SelfDistillationModule(
         lora=LoraSettings(r=16, alpha=32), teacher="base", objective="grpo" if grpo else "self_distillation",
@@ -127,8 +119,9 @@ def sdlit_worker(args) -> dict:
     )
     data = RolloutDataModule(
         task=GSM8K(train_size=args.prompts * args.steps), batch_size=args.prompts,
-        rollouts_per_problem=ROLLOUTS[args.condition], temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens, shuffle=False, sampler=args.sampler,
+        rollouts_per_problem=ROLLOUTS[args.condition], shuffle=False, sampler=args.sampler,
+        sampling=SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens),
+        llama_step=args.llama_decoding == "on",
     )
     recorder = StepRecorder()
     feedback = [BinaryReward()] + ([] if grpo else [ReferenceSolution()])
@@ -176,8 +169,8 @@ def generation_worker(args) -> dict:
 
     from sdlit.models import LoraSettings, add_lora, load_model, load_tokenizer
     from sdlit.prompts import student_prompt_ids
-    from sdlit.generation import sample_with_static_cache
-    from sdlit.rollout import _eos_ids, sample_responses
+    from sdlit.sampling import eos_ids, sample_responses, sample_with_static_cache
+    from sdlit.settings import SamplingSettings
     from sdlit.tasks.gsm8k import GSM8K
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
@@ -188,19 +181,19 @@ def generation_worker(args) -> dict:
     problems = GSM8K(train_size=args.prompts).train_problems()
     prompts = [student_prompt_ids(tokenizer, p.question) for p in problems]
     n = ROLLOUTS[args.condition]
+    settings = SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     runs = {"generate": [], "static_cache": [], "static_cache_model_forward": [], "static_cache_plain_linears": []}
     for repeat in range(args.generation_repeats):
         for sampler in runs:
             torch.manual_seed(repeat)
-            use_llama_decoding(sampler == "static_cache")
             start = time.perf_counter()
             if sampler == "static_cache_plain_linears":  # the sampler with the model's own (LoRA, unpacked) linears
-                out = sample_with_static_cache(model, prompts, _eos_ids(model, tokenizer), tokenizer.pad_token_id,
+                out = sample_with_static_cache(model, prompts, eos_ids(model, tokenizer), tokenizer.pad_token_id,
                                                n=n, temperature=args.temperature,
                                                max_new_tokens=args.max_new_tokens, fast_linears=False)
             else:
-                out = sample_responses(model, tokenizer, prompts, n=n, temperature=args.temperature,
-                                       max_new_tokens=args.max_new_tokens,
+                out = sample_responses(model, tokenizer, prompts, n=n, settings=settings,
+                                       llama_step=sampler == "static_cache",
                                        sampler=sampler.removesuffix("_model_forward"))
             if args.accelerator == "gpu":
                 torch.cuda.synchronize()

@@ -30,11 +30,12 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from sdlit.callbacks.feedback import ReferenceSolution, clean_solution
+from sdlit.callbacks.feedback import ReferenceSolution
 from sdlit.models import resolve_model_path
 from sdlit.prompts import student_message, student_prompt_ids, teacher_message, teacher_prompt_ids
 from sdlit.tasks.answers import is_correct
 from sdlit.tasks.gsm8k import GSM8K
+from sdlit.tasks.solutions import clean_solution
 
 MODEL = "smollm2-135m-instruct"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -199,7 +200,7 @@ DIFFERENCES = {
         "TRL GRPOTrainer used (not SDPO with distillation_weight=0): it is the maintained GRPO path and loads "
         "no teacher machinery",
         "TRL repeats each prompt 8 times in the generate batch and prefills all 64 rows; sdlit prefills each prompt "
-        "once and repeats its KV cache (sdlit.generation)",
+        "once and repeats its KV cache (sdlit.sampling.static_cache)",
         "TRL scores completions with its tiled fused LM head (per-token log-probs and entropy, no [B, T, V] "
         "logits); sdlit materialises the response logits",
         "on CPU (no Triton) that fused head projects EVERY position of prompt+completion through the LM head "

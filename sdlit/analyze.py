@@ -22,11 +22,13 @@ from lightning.pytorch import seed_everything
 
 from sdlit.analysis.records import TokenRecord, read_records, token_texts, write_records
 from sdlit.analysis.report import AnalysisOutputs, write_outputs
-from sdlit.callbacks.feedback import Feedback, ReferenceSolution, StepCritique
+from sdlit.callbacks.feedback import ReferenceSolution, StepCritique
 from sdlit.critics import ArithmeticStepCritic, Critic
-from sdlit.prompts import student_prompt_ids
-from sdlit.rollout import Rollout, sample_rollouts, tag_step_spans
+from sdlit.feedback import Feedback
+from sdlit.rollout import Rollout, tag_step_spans
+from sdlit.sampling import sample_rollouts
 from sdlit.scoring import build_scoring_batch, response_logits, token_logprobs
+from sdlit.settings import SamplingSettings
 from sdlit.tasks.answers import is_correct
 from sdlit.tasks.base import DataError, Problem, Task
 from sdlit.tasks.gsm8k import parse_row
@@ -173,16 +175,17 @@ def _rollouts(module, pairs, temperature, max_new_tokens) -> list[Rollout]:
     """Sampled rollouts for pairs without a response, given ones (tokenized once, EOS added) for the rest."""
     tokenizer, kwargs = module.tokenizer, module.hparams.student_template_kwargs or {}
     to_sample = [p for p, response in pairs if response is None]
-    sampled = iter(sample_rollouts(module.model, tokenizer, to_sample, n=1, temperature=temperature,
-                                   max_new_tokens=max_new_tokens, template_kwargs=kwargs) if to_sample else [])
+    sampled = iter(sample_rollouts(module.model, tokenizer, to_sample, n=1, template_kwargs=kwargs,
+                                   settings=SamplingSettings(temperature=temperature, max_new_tokens=max_new_tokens)) if to_sample else [])
     rollouts = []
     for problem, response in pairs:
         if response is None:
             rollouts.append(next(sampled))
             continue
-        ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        text = tokenizer.decode(ids, skip_special_tokens=True)  # what the tokens say: steps and critic use it
-        rollouts.append(Rollout(problem, student_prompt_ids(tokenizer, problem.question, **kwargs), ids, text))
+        rollout = Rollout.from_text(problem, response, tokenizer, template_kwargs=kwargs)
+        # what the tokens say: steps and critic use it
+        rollout.response = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
+        rollouts.append(rollout)
     for rollout in rollouts:
         tag_step_spans(rollout, tokenizer)
     return rollouts

@@ -1,5 +1,5 @@
 """The ``sdlit`` command: ``sdlit fit|validate|test`` through LightningCLI, configured by YAML, and
-``sdlit analyze`` (per-token advantage figures and tables, :mod:`sdlit.analysis.analyze`)."""
+``sdlit analyze`` (per-token advantage figures and tables, :mod:`sdlit.analyze`)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def main(args: list[str] | None = None) -> None:
     """
     words = sys.argv[1:] if args is None else list(args)
     if words and words[0] == "analyze":
-        from sdlit.analysis.analyze import analyze_cli
+        from sdlit.analyze import analyze_cli
 
         analyze_cli(words[1:])
         return

@@ -4,7 +4,7 @@ The dataloaders yield plain problem batches (cheap, so Lightning's prefetching c
 each training step, :meth:`RolloutDataModule.on_after_batch_transfer` has the live solver sample the
 rollouts, grades them and runs the trainer's feedback callbacks, so every rollout is sampled by the weights
 that are about to be trained on it (its ``policy_version`` records which). Validation and test batches
-become ``eval_k`` graded samples per held-out problem. Offline mode streams already-annotated rollouts
+become ``evaluation.k`` graded samples per held-out problem. Offline mode streams already-annotated rollouts
 from JSONL/Parquet instead of sampling.
 """
 
@@ -21,11 +21,13 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from sdlit.callbacks.feedback import Feedback
 from sdlit.checkpointing import EpochSampler, ResumableLoader
+from sdlit.feedback import Feedback
 from sdlit.offline import GroupBatches, RowBatches, batch_group_indices, group_indices, keep_batch, offline_rollout
 from sdlit.offline import read_offline_rollouts, read_offline_rollouts_counted  # noqa: F401  (public here too)
-from sdlit.rollout import Rollout, Sampler, sample_rollouts
+from sdlit.rollout import Rollout
+from sdlit.sampling import SAMPLERS, Sampler, sample_rollouts
+from sdlit.settings import EvalSettings, SamplingSettings
 from sdlit.sft import reference_rollouts
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError, Problem, Task
@@ -52,14 +54,10 @@ class RolloutDataModule(LightningDataModule):
         task: Problem source and answer checker (e.g. ``Arith``, ``GSM8K``).
         batch_size: Problems per training batch.
         rollouts_per_problem: Answers sampled per problem (1 for self-distillation, 8 for GRPO).
-        temperature: Sampling temperature of training rollouts (paper: 1.1).
-        top_p: Nucleus sampling threshold of training rollouts.
-        max_new_tokens: Longest training rollout in tokens.
-        eval_k: Samples per held-out problem for Avg@k / Pass@k / Maj@k.
-        eval_temperature: Sampling temperature of held-out samples.
-        eval_max_new_tokens: Longest held-out sample in tokens.
-        eval_batch_size: Held-out problems per generation batch (``eval_k`` samples each).
-        eval_size: Use only the first ``eval_size`` held-out problems (default: all the task provides).
+        sampling: How training rollouts are sampled: ``temperature`` (paper: 1.1), ``top_p``, ``max_new_tokens``.
+        evaluation: What held-out evaluation samples: ``k`` answers per problem (Avg@k / Pass@k / Maj@k), their
+            ``temperature`` and ``max_new_tokens``, ``batch_size`` problems per generation call, and the first
+            ``num_problems`` held-out problems (default: all the task provides).
         offline_path: JSONL or Parquet file of already-annotated rollouts to train on instead of sampling;
             each row needs ``question``, ``solution``, ``answer``, ``response`` and optionally ``context``,
             ``context_header``, ``reward``, ``logprobs`` (one per response token), ``response_ids`` (checked
@@ -74,6 +72,9 @@ class RolloutDataModule(LightningDataModule):
             prefilled once for its n samples, a KV cache allocated once, finished rows dropped from the batch;
             models that cannot take a static cache fall back to ``generate``) or ``generate`` (plain
             ``model.generate``). Both sample from the same distribution.
+        llama_step: The ``static_cache`` loop decodes Llama-architecture models with sdlit's lean decode step
+            (:mod:`sdlit.sampling.llama_step`: q/k/v and gate/up as one product each, attention over the written
+            cache columns); false: every decode step through the model's own forward. Same tokens either way.
     """
 
     def __init__(
@@ -81,43 +82,35 @@ class RolloutDataModule(LightningDataModule):
         task: Task = lazy_instance(Arith),
         batch_size: int = 8,
         rollouts_per_problem: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_new_tokens: int = 256,
-        eval_k: int = 12,
-        eval_temperature: float = 1.0,
-        eval_max_new_tokens: int = 256,
-        eval_batch_size: int = 8,
-        eval_size: int | None = None,
+        sampling: SamplingSettings = SamplingSettings(),
+        evaluation: EvalSettings = EvalSettings(),
         offline_path: str | None = None,
         shuffle: bool = True,
         on_bad_row: Literal["error", "skip"] = "error",
         sampler: Sampler = "static_cache",
+        llama_step: bool = True,
     ):
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("rollouts_per_problem", rollouts_per_problem),
-                            ("eval_k", eval_k), ("eval_batch_size", eval_batch_size)):
+        for name, value in (("batch_size", batch_size), ("rollouts_per_problem", rollouts_per_problem)):
             if value < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {value}")
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-        if sampler not in ("static_cache", "generate"):
-            raise ValueError(f"data.sampler must be 'static_cache' or 'generate', got {sampler!r}")
+        for name, value, kind in (("sampling", sampling, SamplingSettings), ("evaluation", evaluation, EvalSettings)):
+            if not isinstance(value, kind):
+                raise TypeError(f"data.{name} must be a {kind.__name__}, got {type(value).__name__}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.task = task
         self.batch_size = batch_size
         self.rollouts_per_problem = rollouts_per_problem
-        self.temperature = temperature
-        self.top_p = top_p
-        self.max_new_tokens = max_new_tokens
-        self.eval_k = eval_k
-        self.eval_temperature = eval_temperature
-        self.eval_max_new_tokens = eval_max_new_tokens
-        self.eval_batch_size = eval_batch_size
-        self.eval_size = eval_size
+        self.sampling = sampling
+        self.evaluation = evaluation
         self.offline_path = offline_path
         self.shuffle = shuffle
         self.on_bad_row = on_bad_row
         self.sampler = sampler
+        self.llama_step = llama_step
         self.skipped_rows = 0
         self.seed: int | None = None  # the shuffle seed: seed_everything's, fixed at the first train_dataloader()
         self.position = {"epoch": 0, "batches": 0}  # training batches handed to the model this epoch
@@ -173,7 +166,7 @@ class RolloutDataModule(LightningDataModule):
         """Batches of held-out problems (under several processes: this rank's share, each problem once)."""
         problems = self.eval_problems()
         sampler = self.eval_sampler(problems)
-        return DataLoader(problems, batch_size=self.eval_batch_size, collate_fn=list, sampler=sampler)
+        return DataLoader(problems, batch_size=self.evaluation.batch_size, collate_fn=list, sampler=sampler)
 
     def eval_sampler(self, problems: list[Problem]) -> UnrepeatedDistributedSampler | None:
         """Under several processes, split the held-out problems across ranks without repeating any.
@@ -186,7 +179,7 @@ class RolloutDataModule(LightningDataModule):
             return None
         if len(problems) < trainer.world_size:
             raise DataError(
-                f"data.eval_size: {len(problems)} held-out problems cannot be shared by {trainer.world_size} "
+                f"data.evaluation.num_problems: {len(problems)} held-out problems cannot be shared by {trainer.world_size} "
                 "processes (each needs at least one): evaluate more problems or on fewer devices"
             )
         return UnrepeatedDistributedSampler(
@@ -198,10 +191,10 @@ class RolloutDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def eval_problems(self) -> list[Problem]:
-        """The held-out problems (the first ``eval_size`` when set)."""
+        """The held-out problems (the first ``evaluation.num_problems`` when set)."""
         problems = self.task.eval_problems()
-        if self.eval_size is not None:
-            problems = problems[: self.eval_size]
+        if self.evaluation.num_problems is not None:
+            problems = problems[: self.evaluation.num_problems]
         if not problems:
             raise DataError(f"the held-out split of task {self.task.name!r} is empty")
         return problems
@@ -241,12 +234,11 @@ class RolloutDataModule(LightningDataModule):
                 module.tokenizer,
                 batch,
                 n=self.rollouts_per_problem,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                max_new_tokens=self.max_new_tokens,
+                settings=self.sampling,
                 policy_version=module.global_step,
                 template_kwargs=module.hparams.student_template_kwargs,
                 sampler=self.sampler,
+                llama_step=self.llama_step,
             )
         with timer.phase("feedback"):
             self.grade(rollouts)
@@ -264,20 +256,20 @@ class RolloutDataModule(LightningDataModule):
         return [cb for cb in self.trainer.callbacks if isinstance(cb, Feedback)]
 
     def graded_samples(self, problems: list[Problem], module) -> EvalBatch:
-        """``eval_k`` samples per held-out problem, each graded by the task."""
+        """``evaluation.k`` samples per held-out problem, each graded by the task."""
+        k = self.evaluation.k
         rollouts = sample_rollouts(
             module.model,
             module.tokenizer,
             problems,
-            n=self.eval_k,
-            temperature=self.eval_temperature,
-            max_new_tokens=self.eval_max_new_tokens,
+            n=k,
+            settings=self.evaluation.sampling,
             policy_version=module.global_step,
             template_kwargs=module.hparams.student_template_kwargs,
             sampler=self.sampler,
+            llama_step=self.llama_step,
         )
         self.grade(rollouts)
-        k = self.eval_k
         groups = [rollouts[i * k : (i + 1) * k] for i in range(len(problems))]
         return EvalBatch(
             problems=problems,

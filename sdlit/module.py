@@ -50,11 +50,11 @@ class SelfDistillationModule(LightningModule):
         jsd_beta: Mixture weight of the teacher in ``jsd``.
         distill_temperature: Both the teacher's and the student's next-token distributions are softened by this
             temperature inside the divergence (``softmax(logits / distill_temperature)``). It is a property of the
-            loss only and independent of ``data.temperature``, the temperature rollouts are sampled at; 1 (the
+            loss only and independent of ``data.sampling.temperature``, the temperature rollouts are sampled at; 1 (the
             default) matches the distributions the model actually has.
         grpo_clip: Clip range of the GRPO importance ratio.
         grpo_temperature: Temperature of GRPO's log-probs (``log_softmax(logits / T)``) in the importance ratio;
-            ``null`` (default): the temperature the rollouts were sampled at (``data.temperature``), as TRL does, so
+            ``null`` (default): the temperature the rollouts were sampled at (``data.sampling.temperature``), as TRL does, so
             that the ratio compares the sampling distribution with itself.
         loss_normalization: How an optimizer step's loss is averaged: ``tokens`` (default): the sum over all the
             step's loss tokens divided by their count, across gradient-accumulation micro-batches and ranks, so the
@@ -260,9 +260,13 @@ class SelfDistillationModule(LightningModule):
         """The temperature of GRPO's log-probs: ``grpo_temperature``, else the datamodule's sampling temperature."""
         if self.hparams.grpo_temperature is not None:
             return self.hparams.grpo_temperature
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        temperature = getattr(datamodule, "temperature", None)
+        sampling = getattr(self._datamodule(), "sampling", None)
+        temperature = getattr(sampling, "temperature", None)
         return float(temperature) if temperature and temperature > 0 else 1.0
+
+    def _datamodule(self):
+        """The trainer's datamodule, or None (no trainer, or data given as plain dataloaders)."""
+        return getattr(self.trainer, "datamodule", None) if self._trainer else None
 
     def _accumulate(self, token_losses: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """The micro-batch's loss sum (the objective's weighted terms), recorded with its count in ``step_loss``."""
@@ -466,10 +470,14 @@ class SelfDistillationModule(LightningModule):
 
     # ---- evaluation --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Create the held-out metrics for the datamodule's ``eval_k``."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        k = getattr(datamodule, "eval_k", 12)
+        """Create the held-out metrics for the datamodule's ``evaluation.k`` (none when it has no such setting:
+        evaluating then stops with an error that says so)."""
+        datamodule = self._datamodule()
+        k = getattr(getattr(datamodule, "evaluation", None), "k", None)
         self.eval_k = k
+        if k is None:
+            self.eval_metrics = None
+            return
         self.eval_metrics = nn.ModuleDict(
             {
                 f"avg@{k}": AvgAtK(k),
@@ -488,6 +496,11 @@ class SelfDistillationModule(LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch, prefix: str) -> None:
+        if self.eval_metrics is None:
+            raise ValueError(
+                f"held-out evaluation needs k, the samples per problem, from the datamodule's evaluation settings "
+                f"(data.evaluation.k of sdlit.data.RolloutDataModule); {type(self._datamodule()).__name__} has none"
+            )
         size = len(batch.problems)
         k = self.eval_k
         self.eval_metrics[f"avg@{k}"].update(batch.correct)

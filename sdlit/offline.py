@@ -16,7 +16,6 @@ from typing import Iterator
 import torch
 from torch.utils.data import DistributedSampler
 
-from sdlit.prompts import student_prompt_ids
 from sdlit.rollout import Rollout
 from sdlit.tasks.base import DataError, Problem
 from sdlit.tasks.rows import file_rows
@@ -82,21 +81,12 @@ def offline_rollout(
     """
     source = row.get(SOURCE, "offline row")
     problem = Problem(row["question"], row["solution"], row["answer"], row.get("id", ""))
-    response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
-    if row.get("finished", True) and tokenizer.eos_token_id is not None:
-        response_ids.append(tokenizer.eos_token_id)  # the sampled answer ended with EOS
-    _check_stored_tokens(row, response_ids, source)
-    rollout = Rollout(
-        problem=problem,
-        prompt_ids=student_prompt_ids(tokenizer, problem.question, **(template_kwargs or {})),
-        response_ids=response_ids,
-        response=row["response"],
-        policy_version=int(row.get("policy_version", policy_version)),
-        group=group,
-        reward=row.get("reward"),
-        context=row.get("context"),
-        logprobs=row.get("logprobs"),
+    rollout = Rollout.from_text(
+        problem, row["response"], tokenizer, finished=row.get("finished", True), template_kwargs=template_kwargs,
+        policy_version=int(row.get("policy_version", policy_version)), group=group, reward=row.get("reward"),
+        context=row.get("context"), logprobs=row.get("logprobs"),
     )
+    _check_stored_tokens(row, rollout.response_ids, source)  # the sampled answer ended with EOS when finished
     if row.get("context_header"):
         rollout.context_header = row["context_header"]
     return rollout

@@ -11,29 +11,9 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from sdlit.callbacks.feedback import clean_solution
-from sdlit.prompts import student_prompt_ids
 from sdlit.rollout import Rollout
-from sdlit.tasks.base import DataError, Problem
-
-_FINAL = "####"
-
-
-def tagged_solution(solution: str, answer: str | None = None) -> str:
-    """A GSM8K-format solution as step-tagged text: one ``Step k:`` per worked line, then ``Answer: N``.
-
-    ``<<a*b=c>>`` calculator annotations are removed; the final answer comes from the ``#### N`` line, or
-    from ``answer`` when the solution has none. Raises :class:`DataError` when neither gives an answer.
-    """
-    lines = [line.strip() for line in clean_solution(solution).split("\n")]
-    work = [line for line in lines if line and not line.startswith(_FINAL)]
-    final = next((line[len(_FINAL):].strip() for line in lines if line.startswith(_FINAL)), None)
-    if final is None:
-        final = answer
-    if not final:
-        raise DataError(f"reference solution has no final answer ('#### <number>' line): {solution[:80]!r}")
-    steps = [f"Step {k}: {text}" for k, text in enumerate(work, start=1)]
-    return "\n".join(steps + [f"Answer: {final}"])
+from sdlit.tasks.base import Problem
+from sdlit.tasks.solutions import tagged_solution
 
 
 def reference_rollouts(
@@ -47,22 +27,9 @@ def reference_rollouts(
     Each is marked correct and carries ``feedback["target"] = "reference"``; rollouts of problem i have
     ``group == i`` as sampled ones do.
     """
-    rollouts = []
-    for i, problem in enumerate(problems):
-        text = tagged_solution(problem.solution, problem.answer)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)  # the solver learns to stop after the answer line
-        rollouts.append(
-            Rollout(
-                problem=problem,
-                prompt_ids=student_prompt_ids(tokenizer, problem.question, **(template_kwargs or {})),
-                response_ids=ids,
-                response=text,
-                policy_version=policy_version,
-                group=i,
-                correct=True,
-                feedback={"target": "reference"},
-            )
-        )
-    return rollouts
+    return [
+        Rollout.from_text(problem, tagged_solution(problem.solution, problem.answer), tokenizer,
+                          template_kwargs=template_kwargs, policy_version=policy_version, group=i, correct=True,
+                          feedback={"target": "reference"})
+        for i, problem in enumerate(problems)
+    ]

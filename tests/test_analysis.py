@@ -18,7 +18,7 @@ from sdlit.analysis import (
     write_heatmap,
     write_records,
 )
-from sdlit.analysis.analyze import score_contexts
+from sdlit.analyze import score_contexts
 from sdlit.callbacks import ReferenceSolution, StepCritique
 from sdlit.cli import main
 from sdlit.module import SelfDistillationModule

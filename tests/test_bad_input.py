@@ -16,6 +16,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
+from sdlit.settings import EvalSettings, SamplingSettings
 from sdlit.cli import run_cli
 from sdlit.data import RolloutDataModule, read_offline_rollouts
 from sdlit.models import ModelLoadError, load_model, load_tokenizer
@@ -94,7 +95,9 @@ def test_empty_split():
         RolloutDataModule(task=Arith(train_size=0)).train_dataloader()
     assert str(err.value) == "the training split of task 'arith' is empty"
     with pytest.raises(DataError) as err:
-        RolloutDataModule(task=Arith(eval_size=4), eval_size=0).val_dataloader()
+        RolloutDataModule(task=Arith(eval_size=0)).val_dataloader()
+    with pytest.raises(ValueError, match="evaluation num_problems must be at least 1"):
+        EvalSettings(num_problems=0)
     assert str(err.value) == "the held-out split of task 'arith' is empty"
 
 
@@ -174,7 +177,7 @@ def critique_fit(tmp_path_factory, tiny_model_dir):
                                 "max_teacher_length": 560}},
         "data": {"class_path": "sdlit.data.RolloutDataModule",
                  "init_args": {"task": {"class_path": "sdlit.tasks.arith.Arith", "init_args": {"train_size": 8}},
-                               "batch_size": 4, "max_new_tokens": 12}},
+                               "batch_size": 4, "sampling": {"max_new_tokens": 12}}},
     }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -215,7 +218,7 @@ def test_critic_exception_falls_back_and_is_counted(critique_fit):
     fallen = [r for r in rollouts if r.feedback.get("critic_fallback") == "reference"]
     assert len(fallen) == feedback.failures == feedback.fallbacks == 4  # every other of 8 rollouts
     assert float(cli.trainer.callback_metrics["critic/failures"]) == 4.0
-    from sdlit.callbacks.feedback import clean_solution
+    from sdlit.tasks.solutions import clean_solution
 
     assert all(r.context == clean_solution(r.problem.solution) for r in fallen)  # the reference solution
 
@@ -253,7 +256,8 @@ def test_python_api_checkpoint_loads_weights_only(tmp_path, tiny_model_dir):
     from sdlit.module import SelfDistillationModule
 
     module = SelfDistillationModule(model=tiny_model_dir, learning_rate=0.01)  # lora: a LoraSettings object
-    data = RolloutDataModule(task=Arith(train_size=4, eval_size=2), batch_size=2, max_new_tokens=4)
+    data = RolloutDataModule(task=Arith(train_size=4, eval_size=2), batch_size=2,
+                             sampling=SamplingSettings(max_new_tokens=4))
     trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=0, callbacks=[ReferenceSolution()],
                       plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)

@@ -69,11 +69,12 @@ def test_recorder_splits_a_real_training_step_into_phases(step, tiny_model_dir):
     from sdlit.callbacks import ReferenceSolution
     from sdlit.data import RolloutDataModule
     from sdlit.module import SelfDistillationModule
+    from sdlit.settings import SamplingSettings
     from sdlit.tasks.arith import Arith
 
     L.seed_everything(0, verbose=False)
     module = SelfDistillationModule(model=tiny_model_dir, learning_rate=1e-3)
-    data = RolloutDataModule(task=Arith(train_size=4), batch_size=2, max_new_tokens=4)
+    data = RolloutDataModule(task=Arith(train_size=4), batch_size=2, sampling=SamplingSettings(max_new_tokens=4))
     recorder = step.StepRecorder()
     trainer = L.Trainer(accelerator="cpu", max_steps=2, callbacks=[ReferenceSolution(), recorder], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,

@@ -27,7 +27,7 @@ def print_config(args, capsys) -> dict:
 def test_every_shipped_config_parses(config, capsys):
     parsed = print_config(["--config", str(config)], capsys)
     assert parsed["model"]["class_path"].endswith("SelfDistillationModule")
-    assert parsed["data"]["init_args"]["eval_k"] >= 1
+    assert parsed["data"]["init_args"]["evaluation"]["k"] >= 1
     assert isinstance(parsed["seed_everything"], int)
 
 
@@ -48,7 +48,7 @@ def test_gsm8k_conditions_have_the_same_token_budget(capsys):
         cfg = print_config(["--config", str(ROOT / f"configs/gsm8k/{name}.yaml")], capsys)
         data, trainer = cfg["data"]["init_args"], cfg["trainer"]
         per_step = data["batch_size"] * data["rollouts_per_problem"] * trainer["accumulate_grad_batches"]
-        budgets[name] = (per_step, data["max_new_tokens"], trainer["max_steps"])
+        budgets[name] = (per_step, data["sampling"]["max_new_tokens"], trainer["max_steps"])
     assert len(set(budgets.values())) == 1, budgets
 
 
@@ -121,6 +121,6 @@ def run_gsm8k_config_step(name, tiny_model_dir):
         "--model.model", tiny_model_dir,
         "--trainer.max_steps", "1", "--trainer.accumulate_grad_batches", "1",
         "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
-        "--data.max_new_tokens", "8", "--data.eval_max_new_tokens", "4",
-        "--data.eval_batch_size", "1", "--data.batch_size", "1" if name == "grpo" else "2",
+        "--data.sampling.max_new_tokens", "8", "--data.evaluation.max_new_tokens", "4",
+        "--data.evaluation.batch_size", "1", "--data.batch_size", "1" if name == "grpo" else "2",
     ])

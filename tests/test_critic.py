@@ -191,7 +191,7 @@ def test_gsm8k_references_judge_themselves_correct(critic):
 
 
 def test_claim_parsing():
-    from sdlit.critics.arithmetic import evaluate_claims
+    from sdlit.critics.claims import evaluate_claims
 
     def claims(text):
         return [(c.expr, c.ok) for c in evaluate_claims(text)]

@@ -308,10 +308,11 @@ def test_paper_configs_state_the_papers_setup(capsys):
         assert (model["lora"]["r"], model["lora"]["alpha"]) == (64, 128)
         assert model["student_template_kwargs"] == {"enable_thinking": False}
         assert model["teacher_template_kwargs"] == {"enable_thinking": True}
-        assert trainer["precision"] == "bf16-mixed" and data["temperature"] == 1.1 and data["max_new_tokens"] == 2048
+        assert trainer["precision"] == "bf16-mixed" and data["sampling"]["temperature"] == 1.1
+        assert data["sampling"]["max_new_tokens"] == 2048
         per_step[name] = data["batch_size"] * data["rollouts_per_problem"] * trainer["accumulate_grad_batches"]
         best = [c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
-        assert best[0]["init_args"]["monitor"] == f"val/avg@{data['eval_k']}" == "val/avg@12"
+        assert best[0]["init_args"]["monitor"] == f"val/avg@{data['evaluation']['k']}" == "val/avg@12"
         critiques = [c for c in trainer["callbacks"] if c["class_path"].endswith("StepCritique")]
         assert bool(critiques) == (name == "critique")
     assert per_step == {"grpo": 32, "reference": 32, "critique": 32}

@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from sdlit.decoding_linears import decoding_linears, mkldnn_packing_available
-from sdlit.generation import sample_categorical, sample_with_static_cache
+from sdlit.sampling.linears import decoding_linears, mkldnn_packing_available
+from sdlit.sampling.static_cache import sample_categorical, sample_with_static_cache
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [1, 2, 3, 4, 13, 14, 15, 16]])
 

@@ -10,7 +10,9 @@ import pytest
 import yaml
 from test_fit import write_config
 
+from sdlit.settings import EvalSettings, SamplingSettings
 from sdlit.cli import run_cli
+from sdlit.data import RolloutDataModule
 from sdlit.tasks.arith import Arith
 
 
@@ -35,14 +37,15 @@ def evaluation(**init_args):
     return {"class_path": "sdlit.callbacks.AvgAtKEvaluation", "init_args": {"console_problems": 2, **init_args}}
 
 
-def config_with(tmp_path, model_dir, callbacks, max_steps=2, task=PARITY_TASK, **extra):
+def config_with(tmp_path, model_dir, callbacks, max_steps=2, task=PARITY_TASK, evaluation_settings=None, **extra):
     path = write_config(tmp_path, model_dir, callbacks=["ReferenceSolution", *callbacks], extra_trainer={
         "max_steps": max_steps, "limit_val_batches": None, "log_every_n_steps": 1,
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}},
         **extra,
     })
     config = yaml.safe_load(Path(path).read_text())
-    config["data"]["init_args"].update(task=task, eval_size=5)
+    config["data"]["init_args"].update(task=task)
+    config["data"]["init_args"]["evaluation"].update(num_problems=5, **(evaluation_settings or {}))
     Path(path).write_text(yaml.safe_dump(config))
     return path
 
@@ -81,10 +84,11 @@ def reference_scores(by_problem, k):
 
 
 def test_fit_evaluates_every_two_steps_and_at_the_end(tmp_path, tiny_model_dir, capsys):
-    # the callback's k=2 wins over data.eval_k=3; 5 steps: evaluations after steps 2, 4 and 5 (at_end)
-    config = config_with(tmp_path, tiny_model_dir, [evaluation(every_n_steps=2, k=2, max_new_tokens=10)], max_steps=5)
+    # data.evaluation.k=2; 5 steps: evaluations after steps 2, 4 and 5 (at_end)
+    config = config_with(tmp_path, tiny_model_dir, [evaluation(every_n_steps=2)], max_steps=5,
+                         evaluation_settings={"k": 2, "max_new_tokens": 10})
     cli = run_cli(["fit", "--config", config])
-    assert cli.datamodule.eval_k == 2 and cli.datamodule.eval_max_new_tokens == 10
+    assert cli.datamodule.evaluation.k == 2 and cli.datamodule.evaluation.max_new_tokens == 10
     rows = metric_rows(tmp_path, "val/avg@2")
     # Lightning writes the metrics of optimizer step N on the row with step N - 1 (train rows too)
     assert [int(r["step"]) for r in rows] == [1, 3, 4]
@@ -131,8 +135,9 @@ def test_validate_writes_four_metrics_and_samples_with_tensorboard(tmp_path, tin
 def test_fit_end_evaluation_equals_validate_of_the_saved_checkpoint(tmp_path, tiny_model_dir):
     # greedy held-out samples are deterministic: the evaluation at the end of fit and `sdlit validate
     # --ckpt_path last.ckpt` afterwards must give the same four numbers
-    callbacks = [evaluation(every_n_steps=None, temperature=0.0)]
-    config = config_with(tmp_path, tiny_model_dir, callbacks, max_steps=3, enable_checkpointing=True)
+    callbacks = [evaluation(every_n_steps=None)]
+    config = config_with(tmp_path, tiny_model_dir, callbacks, max_steps=3, enable_checkpointing=True,
+                         evaluation_settings={"temperature": 0.0})
     cli = run_cli(["fit", "--config", config])
     in_fit = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     assert len(in_fit) == 4
@@ -146,7 +151,8 @@ def test_fit_end_evaluation_equals_validate_of_the_saved_checkpoint(tmp_path, ti
 def test_checkpoint_monitor_must_match_k(tmp_path, tiny_model_dir):
     checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"monitor": "val/avg@12", "mode": "max"}}
-    config = config_with(tmp_path, tiny_model_dir, [evaluation(k=2), checkpoint], enable_checkpointing=True)
+    config = config_with(tmp_path, tiny_model_dir, [evaluation(), checkpoint], enable_checkpointing=True,
+                         evaluation_settings={"k": 2})
     with pytest.raises(ValueError, match=r"monitors 'val/avg@12' but the evaluation samples k=2"):
         run_cli(["fit", "--config", config])
 
@@ -154,7 +160,13 @@ def test_checkpoint_monitor_must_match_k(tmp_path, tiny_model_dir):
 def test_bad_settings_are_clear_errors():
     from sdlit.callbacks import AvgAtKEvaluation
 
-    with pytest.raises(ValueError, match="AvgAtKEvaluation.k must be at least 1"):
-        AvgAtKEvaluation(k=0)
-    with pytest.raises(ValueError, match="AvgAtKEvaluation.temperature"):
-        AvgAtKEvaluation(temperature=-1.0)
+    with pytest.raises(ValueError, match="AvgAtKEvaluation.every_n_steps must be at least 1"):
+        AvgAtKEvaluation(every_n_steps=0)
+    with pytest.raises(ValueError, match="evaluation k must be at least 1"):
+        EvalSettings(k=0)
+    with pytest.raises(ValueError, match="evaluation temperature"):
+        EvalSettings(temperature=-1.0)
+    with pytest.raises(ValueError, match="sampling top_p"):
+        SamplingSettings(top_p=1.5)
+    with pytest.raises(TypeError, match="data.evaluation must be a EvalSettings"):
+        RolloutDataModule(evaluation={"k": 2})

@@ -24,12 +24,11 @@ def trained(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("export")
     checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
         "dirpath": str(tmp / "ckpt"), "monitor": "val/avg@2", "mode": "max", "save_last": True, "save_top_k": 1}}
-    evaluation = {"class_path": "sdlit.callbacks.AvgAtKEvaluation", "init_args": {"every_n_steps": 1, "k": 2,
-                                                                                  "console_problems": 0}}
+    evaluation = {"class_path": "sdlit.callbacks.AvgAtKEvaluation", "init_args": {"every_n_steps": 1, "console_problems": 0}}
     config = write_config(tmp, tiny_model_dir, callbacks=[
         "ReferenceSolution", evaluation, checkpoint,
         export_callback(tmp / "merged"), export_callback(tmp / "adapter", merge_lora=False),
-    ], extra_trainer={"max_steps": 3, "limit_val_batches": None, "enable_checkpointing": True})
+    ], extra_trainer={"max_steps": 3, "limit_val_batches": None, "enable_checkpointing": True}, evaluation={"k": 2})
     cli = run_cli(["fit", "--config", config])
     return tmp, cli
 

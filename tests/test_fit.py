@@ -13,7 +13,7 @@ from sdlit.module import SelfDistillationModule
 
 
 def write_config(tmp_path, model_dir, objective="self_distillation", callbacks=(), lora=True, teacher="base",
-                 rollouts_per_problem=1, extra_trainer=None):
+                 rollouts_per_problem=1, extra_trainer=None, evaluation=None):
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -46,11 +46,8 @@ def write_config(tmp_path, model_dir, objective="self_distillation", callbacks=(
                 "task": {"class_path": "sdlit.tasks.arith.Arith", "init_args": {"train_size": 16, "eval_size": 4}},
                 "batch_size": 2,
                 "rollouts_per_problem": rollouts_per_problem,
-                "max_new_tokens": 12,
-                "eval_k": 3,
-                "eval_max_new_tokens": 8,
-                "eval_batch_size": 2,
-                "eval_size": 2,
+                "sampling": {"max_new_tokens": 12},
+                "evaluation": {"k": 3, "max_new_tokens": 8, "batch_size": 2, "num_problems": 2, **(evaluation or {})},
             },
         },
     }

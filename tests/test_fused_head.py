@@ -6,8 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sdlit.settings import SamplingSettings
 from sdlit.module import SelfDistillationModule
-from sdlit.rollout import Rollout, sample_rollouts
+from sdlit.rollout import Rollout
+from sdlit.sampling import sample_rollouts
 from sdlit.scoring import output_head_weight
 from sdlit.tasks.arith import Arith
 
@@ -27,7 +29,7 @@ def make_module(tiny_model_dir, objective, fused, **kwargs) -> SelfDistillationM
 def rollouts_for(module) -> list[Rollout]:
     problems = Arith(train_size=3).train_problems()
     torch.manual_seed(1)
-    rollouts = sample_rollouts(module.model, module.tokenizer, problems, n=2, max_new_tokens=12, temperature=1.0)
+    rollouts = sample_rollouts(module.model, module.tokenizer, problems, n=2, settings=SamplingSettings(max_new_tokens=12, temperature=1.0))
     for i, rollout in enumerate(rollouts):
         rollout.reward = float(i % 3 == 0)
         rollout.context = None if i == 1 else f"A worked solution: {rollout.problem.answer}"

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sdlit.generation import sample_with_static_cache, supports_static_cache
-from sdlit.rollout import _cut_at_eos, sample_responses
+from sdlit.settings import SamplingSettings
+from sdlit.sampling.static_cache import sample_with_static_cache, supports_static_cache
+from sdlit.sampling import cut_at_eos, sample_responses
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [40, 41, 42, 43, 44]]
 
@@ -23,7 +24,7 @@ def one_by_one(model, eos: set[int], max_new_tokens: int) -> list[list[int]]:
     for prompt in PROMPTS:
         ids = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
                              pad_token_id=0, eos_token_id=sorted(eos))
-        out.append(_cut_at_eos(ids[0, len(prompt):].tolist(), eos))
+        out.append(cut_at_eos(ids[0, len(prompt):].tolist(), eos))
     return out
 
 
@@ -73,9 +74,9 @@ def test_sample_responses_uses_either_sampler_with_the_same_layout(model, tiny_m
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for sampler in ("static_cache", "generate"):
         torch.manual_seed(0)
-        out = sample_responses(model, tokenizer, PROMPTS[:2], n=3, max_new_tokens=5, sampler=sampler)
+        out = sample_responses(model, tokenizer, PROMPTS[:2], n=3, sampler=sampler, settings=SamplingSettings(max_new_tokens=5))
         assert len(out) == 6 and all(1 <= len(r) <= 5 for r in out)
-    greedy = [sample_responses(model, tokenizer, PROMPTS, n=2, temperature=0.0, max_new_tokens=6, sampler=s)
+    greedy = [sample_responses(model, tokenizer, PROMPTS, n=2, sampler=s, settings=SamplingSettings(temperature=0.0, max_new_tokens=6))
               for s in ("static_cache", "generate")]
     assert greedy[0] == greedy[1]
     with pytest.raises(ValueError, match="sampler"):
@@ -91,7 +92,7 @@ def test_prompts_of_very_different_lengths_are_prefilled_in_length_groups(model)
     gives each prompt's tokens decoded alone."""
     from transformers import StaticCache
 
-    from sdlit.generation import _forward, _forward_arguments, _prefill, left_pad
+    from sdlit.sampling.static_cache import _forward, _forward_arguments, _prefill, left_pad
     from sdlit.scoring import group_by_length
 
     ids, mask = left_pad(UNEVEN, pad_id=0)
@@ -115,15 +116,15 @@ def test_prompts_of_very_different_lengths_are_prefilled_in_length_groups(model)
     for prompt in UNEVEN:  # independent reference: each prompt alone, no padding
         out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, pad_token_id=0,
                              eos_token_id=[2])
-        expected.append(_cut_at_eos(out[0, len(prompt):].tolist(), {2}))
+        expected.append(cut_at_eos(out[0, len(prompt):].tolist(), {2}))
     assert sample_with_static_cache(model, UNEVEN, {2}, pad_id=0, temperature=0.0, max_new_tokens=6) == expected
 
 
 def test_caches_with_sliding_window_layers_get_one_padded_prefill(monkeypatch):
     from transformers import MistralConfig, MistralForCausalLM, StaticCache
 
-    import sdlit.generation as generation
-    from sdlit.generation import _plain_static_layers
+    import sdlit.sampling.static_cache as generation
+    from sdlit.sampling.static_cache import _plain_static_layers
 
     config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=8)

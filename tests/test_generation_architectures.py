@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import build_tokenizer
 
-from sdlit.generation import sample_with_static_cache, supports_static_cache
-from sdlit.llama_decoding import supports_llama_decoding
-from sdlit.rollout import _cut_at_eos, sample_responses
+from sdlit.settings import SamplingSettings
+from sdlit.sampling.static_cache import sample_with_static_cache, supports_static_cache
+from sdlit.sampling.llama_step import supports_llama_step
+from sdlit.sampling import cut_at_eos, sample_responses
 from sdlit.scoring import group_by_length
 
 SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -49,12 +50,12 @@ def one_by_one(model, prompts: list[list[int]], eos: set[int]) -> list[list[int]
     for prompt in prompts:
         ids = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              do_sample=False, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=0, eos_token_id=sorted(eos))
-        out.append(_cut_at_eos(ids[0, len(prompt):].tolist(), eos))
+        out.append(cut_at_eos(ids[0, len(prompt):].tolist(), eos))
     return out
 
 
 def test_the_models_decode_through_their_own_forward_with_a_static_cache(model):
-    assert supports_static_cache(model) and not supports_llama_decoding(model)
+    assert supports_static_cache(model) and not supports_llama_step(model)
 
 
 @pytest.mark.parametrize("prompts", [EVEN, UNEVEN], ids=["padded-prefill", "length-groups"])
@@ -83,6 +84,5 @@ def test_rows_dropped_mid_decode_keep_their_cache_positions(model):
 def test_sample_responses_with_the_static_cache_sampler_matches_generate(model):
     tokenizer = build_tokenizer()
     expected = one_by_one(model, UNEVEN, {2})
-    got = sample_responses(model, tokenizer, UNEVEN, n=2, temperature=0.0, max_new_tokens=MAX_NEW_TOKENS,
-                           sampler="static_cache")
+    got = sample_responses(model, tokenizer, UNEVEN, n=2, sampler="static_cache", settings=SamplingSettings(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS))
     assert got == [r for r in expected for _ in range(2)]

@@ -75,7 +75,7 @@ def write_config(tmp_path, model_dir, nan_loss_steps=(), max_bad=3, max_steps=4)
         "data": {
             "class_path": "sdlit.data.RolloutDataModule",
             "init_args": {"task": {"class_path": "sdlit.tasks.arith.Arith", "init_args": {"train_size": 16}},
-                          "batch_size": 2, "max_new_tokens": 8},
+                          "batch_size": 2, "sampling": {"max_new_tokens": 8}},
         },
     }
     path = tmp_path / "config.yaml"

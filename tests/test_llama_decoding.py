@@ -7,9 +7,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, StaticCache
 
-import sdlit.generation as generation
-from sdlit.generation import left_pad, sample_with_static_cache
-from sdlit.llama_decoding import LlamaDecodeStep, supports_llama_decoding
+import sdlit.sampling.static_cache as generation
+from sdlit.sampling.static_cache import left_pad, sample_with_static_cache
+from sdlit.sampling.llama_step import LlamaDecodeStep, supports_llama_step
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]  # left-padded to different widths
 
@@ -55,7 +55,7 @@ def full_forward_logits(model, rows: list[list[int]]) -> torch.Tensor:
 @pytest.mark.parametrize("pack", [True, False])
 def test_decode_steps_give_the_logits_of_a_full_forward(settings, pack):
     model = llama(**settings)
-    assert supports_llama_decoding(model)
+    assert supports_llama_step(model)
     ids, mask = left_pad(PROMPTS, 0)
     batch, width = ids.shape
     steps = 6
@@ -88,11 +88,11 @@ def test_the_adapter_is_in_the_decode_step():
 
 
 def test_only_exact_llama_models_are_supported():
-    assert supports_llama_decoding(llama(lora=False))
-    assert supports_llama_decoding(llama())
-    assert not supports_llama_decoding(llama(use_dora=True))  # DoRA cannot be merged into one weight
+    assert supports_llama_step(llama(lora=False))
+    assert supports_llama_step(llama())
+    assert not supports_llama_step(llama(use_dora=True))  # DoRA cannot be merged into one weight
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64))
-    assert not supports_llama_decoding(gpt2)
+    assert not supports_llama_step(gpt2)
 
 
 def test_the_sampler_decodes_with_the_lean_step_and_samples_what_the_model_forward_samples(monkeypatch):
@@ -110,9 +110,8 @@ def test_the_sampler_decodes_with_the_lean_step_and_samples_what_the_model_forwa
     torch.manual_seed(3)
     sampled = sample_with_static_cache(model, PROMPTS, temperature=1.0, **kwargs)
     assert calls, "the lean decode step must be used for a Llama model"
-    monkeypatch.setattr(generation, "supports_llama_decoding", lambda model: False)
     calls.clear()
-    assert sample_with_static_cache(model, PROMPTS, temperature=0.0, **kwargs) == greedy
+    assert sample_with_static_cache(model, PROMPTS, temperature=0.0, llama_step=False, **kwargs) == greedy
     torch.manual_seed(3)
-    assert sample_with_static_cache(model, PROMPTS, temperature=1.0, **kwargs) == sampled
+    assert sample_with_static_cache(model, PROMPTS, temperature=1.0, llama_step=False, **kwargs) == sampled
     assert not calls

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchmetrics import MeanMetric
 
+from sdlit.settings import EvalSettings
 from sdlit.data import RolloutDataModule
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
 from sdlit.tasks.base import DataError, Problem
@@ -142,7 +143,7 @@ def _problems(count):
 
 
 def _datamodule_on_rank(rank, world_size, eval_batch_size=2):
-    dm = RolloutDataModule(eval_batch_size=eval_batch_size)
+    dm = RolloutDataModule(evaluation=EvalSettings(batch_size=eval_batch_size))
     dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
     return dm
 
@@ -167,7 +168,7 @@ def test_fewer_problems_than_ranks_is_a_clear_error():
 
 
 def test_single_process_keeps_plain_order():
-    dm = RolloutDataModule(eval_batch_size=2)
+    dm = RolloutDataModule(evaluation=EvalSettings(batch_size=2))
     dm.eval_problems = lambda: _problems(3)
     assert [[p.id for p in b] for b in dm.val_dataloader()] == [["p/0", "p/1"], ["p/2"]]
 
@@ -188,7 +189,7 @@ def test_ddp_fit_evaluation_counts_each_problem_once(tmp_path, tiny_model_dir):
     from sdlit.cli import run_cli
 
     evaluation = {"class_path": "sdlit.callbacks.AvgAtKEvaluation",
-                  "init_args": {"every_n_steps": None, "temperature": 0.0, "batch_size": 1, "console_problems": 0}}
+                  "init_args": {"every_n_steps": None, "console_problems": 0}}
     checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}
     config = write_config(tmp_path, tiny_model_dir, callbacks=["ReferenceSolution", evaluation, checkpoint],
@@ -196,7 +197,8 @@ def test_ddp_fit_evaluation_counts_each_problem_once(tmp_path, tiny_model_dir):
                                          "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                                     "init_args": {"save_dir": str(tmp_path / "logs")}}})
     parsed = yaml.safe_load(open(config))
-    parsed["data"]["init_args"].update(task=PARITY_TASK, eval_size=3)
+    parsed["data"]["init_args"].update(task=PARITY_TASK)
+    parsed["data"]["init_args"]["evaluation"].update(num_problems=3, temperature=0.0, batch_size=1)
     open(config, "w").write(yaml.safe_dump(parsed))
     cmd = [sys.executable, "-m", "sdlit.cli", "fit", "--config", config,
            "--trainer.devices", "2", "--trainer.strategy", "ddp"]

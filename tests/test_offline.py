@@ -9,6 +9,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+from sdlit.settings import SamplingSettings
 from sdlit.data import RolloutDataModule
 from sdlit.objectives import group_advantages
 from sdlit.offline import GroupBatches, batch_group_indices, offline_rollout, read_offline_rollouts
@@ -104,7 +105,8 @@ def test_online_rollouts_of_a_problem_share_one_micro_batch(tiny_model_dir):
 
     module = SelfDistillationModule(model=tiny_model_dir, lora=None, objective="grpo")
     module.configure_model()
-    dm = RolloutDataModule(task=Arith(train_size=4), batch_size=2, rollouts_per_problem=4, max_new_tokens=4)
+    dm = RolloutDataModule(task=Arith(train_size=4), batch_size=2, rollouts_per_problem=4,
+                           sampling=SamplingSettings(max_new_tokens=4))
     dm.trainer = SimpleNamespace(callbacks=[])
     problems = Arith(train_size=4).train_problems()[:2]
     rollouts = dm.annotated_rollouts(problems, module)

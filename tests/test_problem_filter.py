@@ -64,7 +64,7 @@ def test_validate_writes_the_band_from_the_samples_it_drew(tmp_path, tiny_model_
     ]
     data = raw["data"]["init_args"]
     data["task"] = {"class_path": "feedback_examples.ParityArith", "init_args": {"eval_size": 8}}
-    data.update(eval_k=4, eval_size=8, eval_batch_size=3, eval_max_new_tokens=6)
+    data["evaluation"] = {"k": 4, "num_problems": 8, "batch_size": 3, "max_new_tokens": 6}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     run_cli(["validate", "--config", config])
 

@@ -17,13 +17,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from sdlit.callbacks import HFExport
 from sdlit.callbacks.export import export_hf
 from sdlit.cli import run_cli
-from sdlit.decoding_linears import decoding_linears
-from sdlit.generation import sample_with_static_cache
-from sdlit.llama_decoding import supports_llama_decoding
+from sdlit.sampling.linears import decoding_linears
+from sdlit.sampling.static_cache import sample_with_static_cache
+from sdlit.sampling.llama_step import supports_llama_step
 from sdlit.models import LoraSettings
 from sdlit.module import SelfDistillationModule
 from sdlit.quantization import is_quantized
-from sdlit.rollout import _cut_at_eos
+from sdlit.sampling import cut_at_eos
 from sdlit.scoring import response_hidden, response_logits, token_logprobs
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -125,7 +125,7 @@ def test_base_teacher_is_the_quantized_model_with_its_adapter_disabled(tiny_mode
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_static_cache_sampler_greedy_tokens_equal_generate(tiny_model_dir, kind):
     model = quantized_module(tiny_model_dir, kind).model.eval()
-    assert not supports_llama_decoding(model), "the lean Llama step must turn itself off for quantised layers"
+    assert not supports_llama_step(model), "the lean Llama step must turn itself off for quantised layers"
     with decoding_linears(model, rows=2) as switched:
         assert switched == 1  # the plain output head only: quantised layers (and LoRA on them) keep their forward
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
@@ -133,7 +133,7 @@ def test_static_cache_sampler_greedy_tokens_equal_generate(tiny_model_dir, kind)
     for prompt in prompts:
         ids = model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=10, pad_token_id=0,
                              eos_token_id=[2])
-        expected.append(_cut_at_eos(ids[0, len(prompt):].tolist(), {2}))
+        expected.append(cut_at_eos(ids[0, len(prompt):].tolist(), {2}))
     got = sample_with_static_cache(model, prompts, {2}, pad_id=0, temperature=0.0, max_new_tokens=10)
     assert got == expected
 

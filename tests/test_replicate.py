@@ -34,7 +34,7 @@ def write_samples(path: Path, step: int, table: list[list[tuple[str, bool, int]]
 def test_stage_configs_point_into_the_run_directory(replicate, tmp_path):
     config = replicate.run_config("critique", tmp_path / "run", 3, model=tmp_path / "warm", split_dir=tmp_path / "s",
                                   trainer={"max_epochs": 5, "max_steps": None},
-                                  callbacks={"AvgAtKEvaluation.every_n_steps": 4}, data={"eval_k": None})
+                                  callbacks={"AvgAtKEvaluation.every_n_steps": 4}, data={"evaluation.k": None, "evaluation.batch_size": 3})
     assert config["seed_everything"] == 3
     trainer, data = config["trainer"], config["data"]["init_args"]
     assert trainer["default_root_dir"] == str(tmp_path / "run") and trainer["max_epochs"] == 5
@@ -44,7 +44,7 @@ def test_stage_configs_point_into_the_run_directory(replicate, tmp_path):
     assert replicate.callback(config, "AvgAtKEvaluation")["every_n_steps"] == 4
     assert config["model"]["init_args"]["model"] == str(tmp_path / "warm")
     assert data["task"]["init_args"]["train_path"] == str(tmp_path / "s" / "train.jsonl")
-    assert data["eval_k"] == 12
+    assert data["evaluation"]["k"] == 12 and data["evaluation"]["batch_size"] == 3
     filter_config = replicate.run_config("filter", tmp_path / "f", split_dir=tmp_path / "s",
                                          callbacks={"ProblemBandFilter.held_out": 5})
     assert replicate.callback(filter_config, "ProblemBandFilter") == {

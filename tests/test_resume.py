@@ -106,7 +106,8 @@ def write_config(tmp_path: Path, model_dir: str, callbacks: list) -> str:
             "init_args": {
                 # 8 problems in batches of 2: 4 steps per epoch, so steps 4-6 cross an epoch boundary
                 "task": {"class_path": "sdlit.tasks.arith.Arith", "init_args": {"train_size": 8, "eval_size": 2}},
-                "batch_size": 2, "max_new_tokens": 10, "temperature": 1.0, "eval_size": 2,
+                "batch_size": 2, "sampling": {"max_new_tokens": 10, "temperature": 1.0},
+                "evaluation": {"num_problems": 2},
             },
         },
     }

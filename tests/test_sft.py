@@ -11,7 +11,8 @@ import yaml
 from test_fit import write_config
 
 from sdlit.cli import run_cli
-from sdlit.sft import reference_rollouts, tagged_solution
+from sdlit.sft import reference_rollouts
+from sdlit.tasks.solutions import tagged_solution
 from sdlit.steps import split_steps
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError, Problem

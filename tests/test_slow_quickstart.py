@@ -22,7 +22,7 @@ def test_quickstart_config_trains_two_steps_on_the_packaged_model(tmp_path, monk
         "--trainer.max_steps", "2",
         "--trainer.limit_val_batches", "0",
         "--data.batch_size", "2",
-        "--data.max_new_tokens", "32",
+        "--data.sampling.max_new_tokens", "32",
     ])
     assert cli.trainer.global_step == 2
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
@@ -37,9 +37,9 @@ def test_quickstart_config_validates_on_the_packaged_model(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cli = run_cli([
         "validate", "--config", QUICKSTART,
-        "--data.eval_size", "2",
-        "--data.eval_k", "2",
-        "--data.eval_max_new_tokens", "48",
+        "--data.evaluation.num_problems", "2",
+        "--data.evaluation.k", "2",
+        "--data.evaluation.max_new_tokens", "48",
     ])
     metrics = cli.trainer.callback_metrics
     for name in ("val/avg@2", "val/pass@2", "val/maj@2"):

@@ -41,8 +41,8 @@ def test_converting_the_packaged_model_leaves_the_random_state_alone(tmp_path, m
 def test_validate_gives_the_same_numbers_with_and_without_a_fresh_cache(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SDLIT_CACHE", str(tmp_path / "fresh-cache"))
-    args = ["validate", "--config", QUICKSTART, "--data.eval_size", "2", "--data.eval_k", "3",
-            "--data.eval_max_new_tokens", "24"]
+    args = ["validate", "--config", QUICKSTART, "--data.evaluation.num_problems", "2", "--data.evaluation.k", "3",
+            "--data.evaluation.max_new_tokens", "24"]
     names = ("val/avg@3", "val/pass@3", "val/maj@3", "val/mean_length")
     first = run_cli(args).trainer.callback_metrics  # converts the packaged model first
     first = {n: float(first[n]) for n in names}

@@ -59,7 +59,7 @@ def test_grpo_logprobs_use_the_sampling_temperature(tmp_path, tiny_model_dir):
     exactly 1, so each token's GRPO loss is -advantage (at T = 1 it would not be)."""
     config = write_config(tmp_path, tiny_model_dir, objective="grpo", extra_trainer={"max_steps": 0})
     parsed = yaml.safe_load(open(config))
-    parsed["data"]["init_args"]["temperature"] = 0.7
+    parsed["data"]["init_args"]["sampling"] = {"temperature": 0.7, "max_new_tokens": 12}
     open(config, "w").write(yaml.safe_dump(parsed))
     module = run_cli(["fit", "--config", config]).model
     module.log = lambda *args, **kwargs: None

@@ -3,7 +3,8 @@
 The evaluation itself is Lightning's validation loop: the datamodule turns each batch of held-out problems into
 ``k`` graded samples (:meth:`RolloutDataModule.graded_samples`) and the module's ``validation_step`` updates the
 metrics, logged as ``val/avg@k``, ``val/pass@k``, ``val/maj@k`` and ``val/mean_length``. This callback decides
-*when* that loop runs during fit, carries the evaluation settings, and writes what was sampled: a CSV file per
+*when* that loop runs during fit and writes what was sampled (*what* is sampled is the datamodule's
+``data.evaluation`` settings group): a CSV file per
 evaluation in the log directory, a text table in TensorBoard and a short table on the console. Because it only
 schedules and records Lightning's own loop, ``sdlit validate`` with the same config gives the same numbers.
 """
@@ -28,32 +29,16 @@ log = logging.getLogger(__name__)
 
 SAMPLE_COLUMNS = ("step", "problem", "sample", "question", "gold", "response", "extracted", "correct", "tokens")
 
-# callback argument -> the datamodule attribute it overrides
-_DATAMODULE_SETTINGS = {
-    "k": "eval_k",
-    "temperature": "eval_temperature",
-    "max_new_tokens": "eval_max_new_tokens",
-    "batch_size": "eval_batch_size",
-    "num_problems": "eval_size",
-}
-
-
 class AvgAtKEvaluation(Callback):
     """Evaluate on held-out problems every ``every_n_steps`` optimizer steps and at the end of fit.
 
-    Settings left ``null`` keep the datamodule's (``data.eval_k``, ``data.eval_temperature``, ...); settings given
-    here win and are written onto the datamodule at setup, so validation, ``sdlit validate`` and ``sdlit test``
-    with this config all use them. ``every_n_steps`` replaces ``trainer.val_check_interval`` (it counts optimizer
-    steps, so gradient accumulation is accounted for); Lightning's validation loop does the evaluating. A ``ModelCheckpoint`` monitoring ``val/avg@K`` must use
-    the same K.
+    This callback decides *when*; what is sampled (k, temperature, max_new_tokens, batch size, number of problems)
+    is the datamodule's ``data.evaluation`` group, so validation during fit, ``sdlit validate`` and ``sdlit test``
+    with one config sample the same way. ``every_n_steps`` replaces ``trainer.val_check_interval`` (it counts
+    optimizer steps, so gradient accumulation is accounted for); Lightning's validation loop does the evaluating.
+    A ``ModelCheckpoint`` monitoring ``val/avg@K`` must use the same K as ``data.evaluation.k`` (checked at fit start).
 
     Args:
-        k: Samples per held-out problem (Avg@k, Pass@k, Maj@k). Default: ``data.eval_k``.
-        temperature: Sampling temperature of held-out samples. Default: ``data.eval_temperature``.
-        max_new_tokens: Longest held-out sample in tokens. Default: ``data.eval_max_new_tokens``.
-        batch_size: Held-out problems per generation call; each call decodes ``batch_size * k`` sequences.
-            Default: ``data.eval_batch_size``.
-        num_problems: Evaluate the first ``num_problems`` held-out problems. Default: ``data.eval_size``.
         every_n_steps: Evaluate every this many optimizer steps during fit; ``null``: only at the end (with
             ``at_end``). Either way this schedule replaces ``trainer.val_check_interval`` and
             ``trainer.check_val_every_n_epoch``, and a ``ModelCheckpoint`` saves after each evaluation.
@@ -67,27 +52,14 @@ class AvgAtKEvaluation(Callback):
 
     def __init__(
         self,
-        k: int | None = None,
-        temperature: float | None = None,
-        max_new_tokens: int | None = None,
-        batch_size: int | None = None,
-        num_problems: int | None = None,
         every_n_steps: int | None = 50,
         at_end: bool = True,
         write_samples: bool = True,
         console_problems: int = 5,
         tensorboard_rows: int = 24,
     ):
-        for name, value in (("k", k), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
-                            ("num_problems", num_problems), ("every_n_steps", every_n_steps)):
-            if value is not None and value < 1:
-                raise ValueError(f"AvgAtKEvaluation.{name} must be at least 1 (or null), got {value}")
-        if temperature is not None and temperature < 0:
-            raise ValueError(f"AvgAtKEvaluation.temperature must be >= 0 (or null), got {temperature}")
-        self.overrides = {
-            "k": k, "temperature": temperature, "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size, "num_problems": num_problems,
-        }
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"AvgAtKEvaluation.every_n_steps must be at least 1 (or null), got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.at_end = at_end
         self.write_samples = write_samples
@@ -100,23 +72,9 @@ class AvgAtKEvaluation(Callback):
 
     # ---- settings and schedule ---------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Apply the given settings to the datamodule and, for fit, the schedule to the trainer."""
-        self._apply_settings(trainer)
+        """For fit, put this callback's schedule on the trainer."""
         if stage == "fit":
             self._schedule(trainer)
-
-    def _apply_settings(self, trainer: Trainer) -> None:
-        datamodule = trainer.datamodule
-        for name, value in self.overrides.items():
-            if value is None:
-                continue
-            attribute = _DATAMODULE_SETTINGS[name]
-            if datamodule is None or not hasattr(datamodule, attribute):
-                raise ValueError(
-                    f"AvgAtKEvaluation.{name} sets the datamodule's {attribute}, and the datamodule "
-                    f"({type(datamodule).__name__}) has no such setting: use sdlit.data.RolloutDataModule"
-                )
-            setattr(datamodule, attribute, value)
 
     def _schedule(self, trainer: Trainer) -> None:
         if self.every_n_steps is None:
@@ -134,14 +92,14 @@ class AvgAtKEvaluation(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fail early when a checkpoint monitors an ``avg@K`` this evaluation does not log."""
-        k = getattr(trainer.datamodule, "eval_k", None)
+        k = getattr(getattr(trainer.datamodule, "evaluation", None), "k", None)
         for callback in trainer.callbacks:
             monitor = getattr(callback, "monitor", None) if isinstance(callback, ModelCheckpoint) else None
             if k is not None and monitor and "@" in monitor and monitor.startswith(("val/avg@", "val/pass@", "val/maj@")):
                 if monitor.rsplit("@", 1)[1] != str(k):
                     raise ValueError(
                         f"ModelCheckpoint monitors {monitor!r} but the evaluation samples k={k} answers per problem "
-                        f"and logs val/avg@{k}: change the monitor or the k (AvgAtKEvaluation.k / data.eval_k)"
+                        f"and logs val/avg@{k}: change the monitor or data.evaluation.k"
                     )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:

@@ -12,50 +12,17 @@ every such callback on each fresh batch of rollouts, in order, before the traini
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from typing import Literal
 
 from jsonargparse import lazy_instance
-from lightning.pytorch import Callback
 
 from sdlit.critics import ArithmeticStepCritic, Critic, critique_outcomes
+from sdlit.feedback import Feedback
 from sdlit.rollout import Rollout
+from sdlit.tasks.solutions import clean_solution
 
 log = logging.getLogger(__name__)
-
-_ANNOTATION = re.compile(r"<<[^<>]*>>")
-
-
-def clean_solution(solution: str) -> str:
-    """A reference solution as a reader sees it: ``<<a*b=c>>`` calculator annotations removed."""
-    return _ANNOTATION.sub("", solution)
-
-
-class Feedback(Callback):
-    """Base class of feedback kinds: override :meth:`annotate_one` (or :meth:`annotate` for batching).
-
-    A subclass sets ``rollout.reward`` (a float) and/or ``rollout.context`` (the text the self-teacher sees,
-    introduced by ``header``); it may add anything to ``rollout.feedback``. Rollouts are already graded
-    (``rollout.correct``) when feedback runs.
-    """
-
-    header: str = "Feedback:"
-
-    def annotate(self, rollouts: list[Rollout]) -> None:
-        """Annotate a batch of rollouts in place (default: one by one)."""
-        for rollout in rollouts:
-            self.annotate_one(rollout)
-
-    def annotate_one(self, rollout: Rollout) -> None:
-        """Annotate one rollout in place."""
-        raise NotImplementedError(f"{type(self).__name__} must implement annotate_one or annotate")
-
-    def set_context(self, rollout: Rollout, context: str | None) -> None:
-        """Give ``rollout`` a teacher context introduced by this callback's header."""
-        rollout.context = context
-        rollout.context_header = self.header
-
 
 class BinaryReward(Feedback):
     """GRPO's signal: a reward for a right final answer and another for a wrong one.

@@ -3,7 +3,7 @@
 The paper trains only on problems its solver mostly fails (Avg@16 below 5/16) yet sometimes solves: where the
 solver never succeeds GRPO has no signal, and where it mostly succeeds there is little left to learn. This
 callback rides on Lightning's validation loop (``sdlit validate`` with this callback): the datamodule samples
-``eval_k`` graded answers per candidate problem, the callback keeps each problem's Avg@n, and at the end writes
+``evaluation.k`` graded answers per candidate problem, the callback keeps each problem's Avg@n, and at the end writes
 the problems whose Avg@n lies strictly inside ``(low, high)``, shuffled and split into two JSONL files in GSM8K
 format (``question``, ``answer`` = the worked solution ending ``#### N``). The training configs read them with
 ``sdlit.tasks.gsm8k.GSM8K(train_path=..., eval_path=...)``.
@@ -28,7 +28,7 @@ class ProblemBandFilter(Callback):
     """Write the candidate problems whose sampled accuracy Avg@n lies in ``(low, high)`` as a train/held-out split.
 
     Use it with ``sdlit validate``: the candidates are the datamodule's held-out problems (``data.task``,
-    ``data.eval_size``) and ``n`` is ``data.eval_k``. Output in ``output_dir``: ``train.jsonl``, ``eval.jsonl``
+    ``data.evaluation.num_problems``) and ``n`` is ``data.evaluation.k``. Output in ``output_dir``: ``train.jsonl``, ``eval.jsonl``
     (kept problems) and ``filter.json`` (the settings, every candidate's Avg@n and which split it went to).
 
     Args:
@@ -87,7 +87,7 @@ class ProblemBandFilter(Callback):
             raise DataError(
                 f"ProblemBandFilter: only {len(kept)} of {len(rows)} candidate problems have Avg@n in "
                 f"({self.low:g}, {self.high:g}), not more than held_out={self.held_out}: evaluate more candidates "
-                "(data.eval_size), widen the band or hold out fewer"
+                "(data.evaluation.num_problems), widen the band or hold out fewer"
             )
         random.Random(self.seed).shuffle(kept)
         held_out, train = kept[: self.held_out], kept[self.held_out:]

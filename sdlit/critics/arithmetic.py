@@ -24,193 +24,19 @@ from fractions import Fraction
 from typing import Sequence
 
 from sdlit.critics.base import Critique, StepVerdict
+from sdlit.critics.claims import contains_value, evaluate_claims, given_numbers, numbers_in
 from sdlit.steps import Step, has_step_tags, split_steps
-from sdlit.tasks.answers import NUMBER, extract_answer, format_number, gold_value, same_number, to_fraction
+from sdlit.tasks.solutions import annotations, clean_solution, solution_lines
+from sdlit.tasks.answers import extract_answer, format_number, gold_value, same_number, to_fraction
 
-__all__ = ["ArithmeticStepCritic", "evaluate_claims", "Claim"]
+__all__ = ["ArithmeticStepCritic", "given_numbers", "parse_reference"]
 
-_MUL, _DIV = set("*xX×·"), set("/÷")
-_TOKEN = re.compile(rf"\s*(?:(\$?{NUMBER}%?)|([-–+*/xX×÷·])|([()]))")
-_LHS = re.compile(r"[\d\s$.,%+\-–*/xX×÷·()]*$")
-# The stated result; a result that goes on as an expression ("= 14 / 2 = 7") or a mixed number
-# ("= 3 1/2") is no claim of its own.
-_RHS = re.compile(rf"\s*\$?\s*(-?{NUMBER})(?!\.?\d|,\d|[A-Za-z])(%?)(?![ \t]*(?:[-–+*/xX×÷·][ \t]*[\d.$(]|\d))")
-_ANNOTATION = re.compile(r"<<([^<>]*)>>")
-# One or two unit words between a number and an operator or "=": "12 miles / 4 mph = 3 hours".
-_OPERATOR_BEFORE_WORDS = re.compile(r"[-–+*/×÷·]\s*(?:[A-Za-z'][\w']*\s*){1,3}$")
-_UNITS = re.compile(rf"({NUMBER}%?)[ \t]+(?:(?![xX]\b)[A-Za-z][\w']*[ \t]*){{1,2}}(?=[-–+*/×÷·=]|[xX][ \t])")
-_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
-          "ten": 10, "eleven": 11, "twelve": 12, "fifteen": 15, "twenty": 20, "thirty": 30, "forty": 40,
-          "fifty": 50, "hundred": 100, "thousand": 1000, "dozen": 12, "half": 2, "twice": 2, "double": 2,
-          "triple": 3, "quarter": 4, "third": 3}
 # Numbers a step may state without them appearing anywhere: units and common conversion factors.
 COMMON_CONSTANTS = [Fraction(n) for n in (0, 1, 2, 7, 10, 12, 24, 52, 60, 100, 365, 1000)]
 # Findings the teacher context states; they never name the solver's wrong value.
 _UNNEEDED = "it computes a quantity this problem does not need"
 _UNSUPPORTED = "it uses a number that does not follow from the problem or the earlier steps"
 _STOPPED = "the solution stops here, before the final result; it is continued below"
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One arithmetic claim "expr = stated" found in a step."""
-
-    expr: str
-    value: Fraction | None  # None when the expression divides by zero
-    stated: Fraction
-    stated_text: str
-    intermediates: tuple[Fraction, ...]
-    percent: bool = False  # the result was written "r%": r and r/100 both count
-
-    @property
-    def ok(self) -> bool:
-        """True when the stated result equals the value (rounding allowed to the stated decimals)."""
-        if self.value is None:
-            return False
-        decimals = len(self.stated_text.split(".")[1]) if "." in self.stated_text else 0
-        tol = Fraction(1, 2 * 10**decimals) if decimals else Fraction(0)
-        stated = [self.stated, self.stated / 100] if self.percent else [self.stated]
-        return any(abs(self.value - s) <= tol + Fraction(1, 10**9) * max(1, abs(s)) for s in stated)
-
-
-def _number(text: str) -> Fraction:
-    """A number token ("$1,000", "150%") as a Fraction."""
-    value = to_fraction(text.replace("%", ""))
-    return value / 100 if text.endswith("%") else value
-
-
-def _tokens(run: str) -> list[str]:
-    """Tokenize an expression run (after its last non-token character); "27(1/3)" gets its "*"."""
-    tokens, pos = [], 0
-    while pos < len(run):
-        if run[pos].isspace():
-            pos += 1
-            continue
-        m = _TOKEN.match(run, pos)
-        if m is None:
-            tokens, pos = [], pos + 1
-            continue
-        token = m.group(0).strip()
-        after_value = bool(tokens) and (tokens[-1] == ")" or tokens[-1][-1].isdigit() or tokens[-1][-1] == "%")
-        if after_value and (token == "(" or (tokens[-1] == ")" and token[-1].isdigit())):
-            tokens.append("*")
-        tokens.append(token)
-        pos = m.end()
-    return tokens
-
-
-def _parse(tokens: list[str]) -> tuple[Fraction | None, list[Fraction], int]:
-    """Evaluate tokens with precedence; returns (value or None on division by zero, intermediates, ops)."""
-    pos, steps, ops = 0, [], 0
-
-    def peek() -> str | None:
-        return tokens[pos] if pos < len(tokens) else None
-
-    def factor():
-        nonlocal pos
-        tok = peek()
-        if tok == "-" and (pos == 0 or tokens[pos - 1] == "("):
-            pos += 1
-            value = factor()
-            return None if value is None else -value
-        if tok == "(":
-            pos += 1
-            value = expr()
-            if peek() != ")":
-                raise ValueError("unbalanced")
-            pos += 1
-            return value
-        if tok is None or not re.match(r"\$?[\d.]", tok):
-            raise ValueError("number expected")
-        pos += 1
-        return _number(tok)
-
-    def binary(sub, symbols):
-        nonlocal pos, ops
-        value = sub()
-        while peek() is not None and peek() in symbols:
-            op = tokens[pos]
-            pos += 1
-            right = sub()
-            ops += 1
-            if value is None or right is None or (op in _DIV and right == 0):
-                value = None
-                continue
-            value = value + right if op == "+" else value - right if op in "-–" else (
-                value * right if op in _MUL else value / right)
-            steps.append(value)
-        return value
-
-    def term():
-        return binary(factor, _MUL | _DIV)
-
-    def expr():
-        return binary(term, {"+", "-", "–"})
-
-    value = expr()
-    if pos != len(tokens):
-        raise ValueError("trailing tokens")
-    return value, steps, ops
-
-
-def _left_side(before: str) -> str | None:
-    """The expression run that ends at an "=", or None when it starts inside words ("60g * 4/5", "2L + 8")."""
-    start = _LHS.search(before).start()
-    while start < len(before) and before[start] in "xX" and start > 0 and before[start - 1].isalpha():
-        start += 1  # the "x" ends a word ("box 3+4"), it is no operator
-    run = before[start:]
-    if start > 0 and before[start - 1].isalpha() and run.lstrip()[:1] in tuple("+-–*/xX×÷·"):
-        return None
-    if _OPERATOR_BEFORE_WORDS.search(before[:start]):
-        return None  # "25 classmates + his 1 + 1 = 27": the expression goes on to the left
-    return run
-
-
-def _drop_unmatched_open(tokens: list[str]) -> list[str]:
-    """Leading "(" that the left side never closes belong to the prose ("... as before (15 / 2 = 4)")."""
-    while tokens and tokens[0] == "(" and tokens.count("(") > tokens.count(")"):
-        tokens = tokens[1:]
-    return tokens
-
-
-def evaluate_claims(text: str) -> list[Claim]:
-    """All arithmetic claims "a op b (op c ...) = r" in a text (annotations <<...>> are ignored).
-
-    The left-hand side is the run of numbers, operators and parentheses that ends at an "="; it must
-    parse as a whole, else the "=" is no claim (so algebra like "3x + 4 = 28" is left alone). Unit
-    words after a number are skipped ("12 miles / 4 mph = 3").
-    """
-    text = _UNITS.sub(r"\1 ", _ANNOTATION.sub("", text))
-    claims = []
-    for eq in re.finditer(r"(?<![=<>!])=(?!=)", text):
-        rhs = _RHS.match(text, eq.end())
-        lhs = _left_side(text[: eq.start()])
-        if rhs is None or lhs is None:
-            continue
-        stated = to_fraction(rhs.group(1))
-        tokens = _drop_unmatched_open(_tokens(lhs))
-        try:
-            value, steps, ops = _parse(tokens)
-        except ValueError:
-            continue  # not a plain expression (words, variables, "3 1/2"): no claim
-        if ops:
-            claims.append(Claim(" ".join(tokens), value, stated, rhs.group(1), tuple(steps), bool(rhs.group(2))))
-    return claims
-
-
-def _numbers(text: str) -> list[Fraction]:
-    """Every number in a text as a Fraction (a percentage also as its fraction)."""
-    values = []
-    for m in re.finditer(rf"(?<![\w.,]){NUMBER}(%?)|(?<=[^\W\d_]){NUMBER}", text):
-        values.append(to_fraction(m.group(0).rstrip("%")))
-        if m.group(1):
-            values.append(values[-1] / 100)
-    return values
-
-
-def _has(values: Sequence[Fraction], x: Fraction) -> bool:
-    """True when x is (numerically close to) one of the values."""
-    return any(abs(v - x) <= Fraction(1, 10**6) + abs(x) * Fraction(1, 10**9) for v in values)
 
 
 @dataclass
@@ -227,14 +53,14 @@ class _Reference:
 def _line_results(line: str, display: str, annotated: bool, given: list[Fraction]) -> tuple[list, list]:
     """(results, all quantities incl. chain intermediates) of one reference line."""
     results, quantities = [], []
-    claims = [c for inner in _ANNOTATION.findall(line) for c in evaluate_claims(inner.replace("=", " = ", 1))]
+    claims = [c for inner in annotations(line) for c in evaluate_claims(inner.replace("=", " = ", 1))]
     claims += [c for c in evaluate_claims(display) if c.ok]
     for claim in claims:
-        if not _has(results, claim.stated):
+        if not contains_value(results, claim.stated):
             results.append(claim.stated)
         quantities += [claim.stated, *(claim.intermediates if claim.ok else ())]
     if not annotated and not claims:
-        results = [n for n in _numbers(display) if not _has(given, n)]
+        results = [n for n in numbers_in(display) if not contains_value(given, n)]
     return results, quantities
 
 
@@ -246,26 +72,20 @@ def parse_reference(reference: str, given: list[Fraction]) -> _Reference:
     """
     gold = gold_value(reference)
     gold_number = to_fraction(gold) if gold is not None else None
-    lines = [ln.strip() for ln in reference.splitlines() if ln.strip() and not ln.strip().startswith("####")]
-    annotated = bool(_ANNOTATION.search(reference))
-    numbers = _numbers(_ANNOTATION.sub("", reference))
+    lines = solution_lines(reference)
+    annotated = bool(annotations(reference))
+    numbers = numbers_in(clean_solution(reference))
     steps, quantities = [], list(numbers) + ([gold_number] if gold_number is not None else [])
     for line in lines:
-        display = re.sub(r"[ \t]+", " ", _ANNOTATION.sub("", line)).strip()
+        display = re.sub(r"[ \t]+", " ", clean_solution(line)).strip()
         results, found = _line_results(line, display, annotated, given)
         steps.append((display, results))
         quantities += found
     required, gold_numbers = [], [gold_number] if gold_number is not None else []
     for r in (r for _, results in steps for r in results):
-        if not _has(given, r) and not _has(required, r) and not _has(gold_numbers, r):
+        if not contains_value(given, r) and not contains_value(required, r) and not contains_value(gold_numbers, r):
             required.append(r)
     return _Reference(steps, quantities, required, numbers, gold)
-
-
-def given_numbers(question: str) -> list[Fraction]:
-    """Numbers given in the question, digits or words ("three", "half", "a dozen")."""
-    words = [Fraction(v) for w, v in _WORDS.items() if re.search(rf"\b{w}\b", question, re.IGNORECASE)]
-    return _numbers(question) + words + [Fraction(1, 2)] * ("half" in question.lower())
 
 
 class ArithmeticStepCritic:
@@ -299,13 +119,13 @@ class ArithmeticStepCritic:
         if stop is not None:
             verdicts[stop], fixes[stop] = StepVerdict(stop, steps[stop].text, "wrong", _STOPPED), _STOPPED
             wrong.insert(0, stop)
-        missing = [q for q in ref.required if not _has(computed, q)]
+        missing = [q for q in ref.required if not contains_value(computed, q)]
         if wrong:
             case, text = "wrong", self._wrong_text(steps, wrong[0], fixes[wrong[0]], ref, news, stop is not None)
         elif not any(s.kind == "answer" for s in steps):
             case, text = "incomplete", self._incomplete_text(steps, ref, computed)
         elif missing:
-            case, text = "missing_step", self._missing_text(steps, [_numbers(s.text) for s in steps], missing, ref)
+            case, text = "missing_step", self._missing_text(steps, [numbers_in(s.text) for s in steps], missing, ref)
         else:
             case, text = "correct", "All steps are correct and the final answer is right.\n" + _render(
                 [(s.kind, s.text) for s in steps])
@@ -329,18 +149,18 @@ class ArithmeticStepCritic:
         for claim in claims:
             if not claim.ok:
                 actual = "undefined (division by zero)" if claim.value is None else format_number(claim.value)
-                operands_known = all(_has(known, n) for n in _numbers(claim.expr))
+                operands_known = all(contains_value(known, n) for n in numbers_in(claim.expr))
                 return (f"{claim.expr} is {actual}, not {claim.stated_text}",
                         f"{claim.expr} is {actual}" if operands_known else _UNSUPPORTED, [])
         for claim in claims:
-            if not _has(ref.quantities, claim.stated) and not _has(given, claim.stated):
+            if not contains_value(ref.quantities, claim.stated) and not contains_value(given, claim.stated):
                 return f"{format_number(claim.stated)} is not a quantity this problem needs", _UNNEEDED, []
         if claims:
             return "", "", [q for c in claims for q in (*c.intermediates[:-1], c.stated)]
-        for n in _numbers(_ANNOTATION.sub("", step.text)):
-            if not _has(known, n):
+        for n in numbers_in(clean_solution(step.text)):
+            if not contains_value(known, n):
                 return f"{format_number(n)} does not follow from the problem or the earlier steps", _UNSUPPORTED, []
-        return "", "", _numbers(step.text)
+        return "", "", numbers_in(step.text)
 
     def _stopped_short(self, steps: list[Step], wrong: list[int], news: list[list], ref: _Reference) -> int | None:
         """The last work step, when the solver answered its result as final before finishing; else None.
@@ -355,9 +175,9 @@ class ArithmeticStepCritic:
         answered, claims = to_fraction(extract_answer(steps[at].text) or ""), evaluate_claims(steps[at - 1].text)
         computed, gold = [q for new in news[:at] for q in new], to_fraction(ref.gold or "")
         pending = [p for p, (_, r) in zip(self._pending(ref, computed), ref.steps, strict=True) if r]
-        unfinished = (pending and pending[-1]) or (gold is not None and not _has(computed, gold))
+        unfinished = (pending and pending[-1]) or (gold is not None and not contains_value(computed, gold))
         results = [c.stated for c in claims] if claims else news[at - 1]
-        return at - 1 if answered is not None and _has(results, answered) and unfinished else None
+        return at - 1 if answered is not None and contains_value(results, answered) and unfinished else None
 
     def _pending(self, ref: _Reference, computed: list[Fraction]) -> list[bool]:
         """Per reference step, whether some result of it is not computed yet.
@@ -369,7 +189,7 @@ class ArithmeticStepCritic:
         for _, results in ref.steps:
             done = bool(results)
             for r in results:
-                hit = next((i for i, q in enumerate(pool) if _has([q], r)), None)
+                hit = next((i for i, q in enumerate(pool) if contains_value([q], r)), None)
                 done = done and hit is not None
                 if hit is not None:
                     pool.pop(hit)
@@ -392,10 +212,10 @@ class ArithmeticStepCritic:
         inserts: dict[int, list[tuple[str, str]]] = {}
         answer_at = next((s.index for s in steps if s.kind == "answer"), len(steps))
         for line, results in ref.steps:
-            lacking = [q for q in missing if _has(results, q)]
+            lacking = [q for q in missing if contains_value(results, q)]
             if not lacking:
                 continue
-            at = next((i for i, used in enumerate(uses) if any(_has(used, q) for q in lacking)), answer_at)
+            at = next((i for i, used in enumerate(uses) if any(contains_value(used, q) for q in lacking)), answer_at)
             inserts.setdefault(min(at, answer_at), []).append(("step", line))
         lines = []
         for step in steps:

@@ -11,7 +11,7 @@ cost more than the arithmetic:
   pack weights), runs the same product about 3x faster.
 
 :func:`decoding_linears` does both for the duration of a ``with`` block, for the rollout sampler
-(:mod:`sdlit.generation`): the weights are merged and packed once per sampling call (well under a second for a
+(:mod:`sdlit.sampling.static_cache`): the weights are merged and packed once per sampling call (well under a second for a
 135M model, against ~130 decode steps), used for every token, then dropped. The model itself is not changed: each
 linear gets an instance ``forward`` that is removed on exit, so training, gradients and checkpoints never see the
 copies. Layers this cannot merge exactly (DoRA and other LoRA variants, adapter biases, bitsandbytes 4-bit and 8-bit

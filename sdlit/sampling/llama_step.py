@@ -8,14 +8,14 @@ larger calls:
 
 - the query, key and value projections run as one matrix product, and so do the MLP's gate and up projections
   (their merged weights concatenated once per sampling call, packed for oneDNN on CPU as in
-  :mod:`sdlit.decoding_linears`);
+  :mod:`sdlit.sampling.linears`);
 - the new key and value go straight into the static cache's tensors at the step's column, and attention reads only
   the columns written so far (left-padded prompts: every row writes the same column);
 - the rotary embedding and the norms are the model's own modules (any RoPE type the model was configured with).
 
-It only replaces the decode steps of :mod:`sdlit.generation` (the prefill stays the model's own forward) and only
+It only replaces the decode steps of :mod:`sdlit.sampling.static_cache` (the prefill stays the model's own forward) and only
 for models it computes exactly: ``LlamaForCausalLM`` with SiLU MLPs, every projection a plain linear or a vanilla
-LoRA linear (:func:`supports_llama_decoding`). Its logits match the model's forward to float rounding
+LoRA linear (:func:`supports_llama_step`). Its logits match the model's forward to float rounding
 (``tests/test_llama_decoding.py``).
 """
 
@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from sdlit.decoding_linears import fast_linear, is_mergeable_linear, merged_weight
+from sdlit.sampling.linears import fast_linear, is_mergeable_linear, merged_weight
 from sdlit.models import base_model
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def supports_llama_decoding(model: nn.Module) -> bool:
+def supports_llama_step(model: nn.Module) -> bool:
     """Whether :class:`LlamaDecodeStep` computes exactly what ``model``'s forward computes."""
     base = base_model(model)
     config = getattr(base, "config", None)

@@ -13,8 +13,8 @@ takes a ``StaticCache``:
   short answers stop costing compute while long ones finish;
 - computes logits for the last position only and samples in fp32 (temperature, nucleus ``top_p``);
 - runs every linear layer on a LoRA-merged and, on CPU, oneDNN-packed copy of its weight
-  (:mod:`sdlit.decoding_linears`): a decode step is a few rows times every weight, where both pay;
-- decodes Llama-architecture models with a lean step of fewer, larger calls (:mod:`sdlit.llama_decoding`: q/k/v
+  (:mod:`sdlit.sampling.linears`): a decode step is a few rows times every weight, where both pay;
+- decodes Llama-architecture models with a lean step of fewer, larger calls (:mod:`sdlit.sampling.llama_step`: q/k/v
   and gate/up as one product each, attention over the written cache columns only); other models decode through
   their own forward.
 
@@ -23,14 +23,15 @@ Models whose forward takes no ``StaticCache`` fall back to ``generate`` (see :fu
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
-from sdlit.decoding_linears import decoding_linears
-from sdlit.llama_decoding import LlamaDecodeStep, supports_llama_decoding
+from sdlit.sampling.linears import decoding_linears
+from sdlit.sampling.llama_step import LlamaDecodeStep, supports_llama_step
 from sdlit.models import base_model
 from sdlit.scoring import group_by_length
 
@@ -55,20 +56,25 @@ def sample_with_static_cache(
     max_new_tokens: int = 256,
     compact_fraction: float = 0.25,
     fast_linears: bool = True,
+    llama_step: bool = True,
 ) -> list[list[int]]:
     """Sample ``n`` responses per prompt; returns ``n * len(prompts)`` id lists, all n of prompt 0 first.
 
     Each response is cut after its first EOS, which is kept. ``temperature == 0`` decodes greedily. Rows that
     have ended are removed from the batch once they make up ``compact_fraction`` of the live rows (0: at once).
-    ``fast_linears``: decode on merged, packed linear weights (:func:`sdlit.decoding_linears.decoding_linears`),
-    for Llama models with :class:`sdlit.llama_decoding.LlamaDecodeStep`.
+    ``fast_linears``: decode on merged, packed linear weights (:func:`sdlit.sampling.linears.decoding_linears`).
+    ``llama_step`` (with ``fast_linears``): decode Llama models with
+    :class:`sdlit.sampling.llama_step.LlamaDecodeStep` instead of the model's own forward.
     """
-    settings = (model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_tokens, compact_fraction)
+    decode = functools.partial(
+        _decode, model, prompts, eos_ids, pad_id, n=n, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, compact_fraction=compact_fraction,
+    )
     if not fast_linears:
-        return _decode(*settings)
-    lean = supports_llama_decoding(model)  # decode steps by LlamaDecodeStep, on weights packed of its own
+        return decode()
+    lean = llama_step and supports_llama_step(model)  # decode steps by LlamaDecodeStep, on weights of its own
     with decoding_linears(model, rows=len(prompts) * n, pack=not lean):
-        return _decode(*settings, lean=lean)
+        return decode(lean=lean)
 
 
 def _decode(model, prompts, eos_ids, pad_id, n, temperature, top_p, max_new_tokens, compact_fraction, lean=False):

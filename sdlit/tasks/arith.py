@@ -14,6 +14,7 @@ from typing import Literal
 
 from sdlit.tasks.answers import extract_answer, is_correct
 from sdlit.tasks.base import Problem, Task
+from sdlit.tasks.solutions import FINAL_MARK
 
 __all__ = ["Arith", "extract_answer", "is_correct"]
 
@@ -148,7 +149,7 @@ class Arith(Task):
             _step(rng, story, self.max_operand)
         ending = "left" if story.solution[-1].endswith(" left.") else "now"
         question = " ".join(story.question) + f" How many {words['items']} does {name} have {ending}?"
-        solution = "\n".join(story.solution + [f"#### {story.value}"])
+        solution = "\n".join(story.solution + [f"{FINAL_MARK} {story.value}"])
         return question, solution, story.value
 
     def generate(self, index: int, split: Literal["train", "eval"] = "train") -> Problem:

@@ -13,6 +13,7 @@ from typing import Literal
 from sdlit.tasks.answers import extract_answer, is_correct, normalize_number
 from sdlit.tasks.base import DataError, Problem, Task
 from sdlit.tasks.rows import file_rows
+from sdlit.tasks.solutions import final_answer
 
 __all__ = ["GSM8K", "read_problems", "extract_answer", "is_correct", "DATA_DIR"]
 
@@ -30,7 +31,7 @@ def parse_row(row: object, source: str, number: int, id: str) -> Problem:
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{where}: field '{field}' is missing or empty")
     solution = row["answer"].strip()
-    final = solution.rsplit("####", 1)[1] if "####" in solution else None
+    final = final_answer(solution)
     gold = normalize_number(final) if final is not None else None
     if gold is None:
         raise DataError(f"{where}: field 'answer': gold answer is not a number (expected a last line '#### <number>')")
