@@ -70,15 +70,10 @@ def run_config(name: str, run_dir: Path, seed: int = 0, **settings) -> dict:
     config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     config["seed_everything"] = seed
     trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
-    trainer["default_root_dir"] = str(run_dir)
-    for logger in trainer.get("logger") or []:
-        logger["init_args"]["save_dir"] = str(run_dir)
-    for suffix, key, path in (("ModelCheckpoint", "dirpath", run_dir / "checkpoints"),
-                              ("HFExport", "dirpath", run_dir / "hf"),
-                              ("ProblemBandFilter", "output_dir", settings.get("split_dir"))):
-        args = callback(config, suffix)
-        if args is not None and path is not None:
-            args[key] = str(path)
+    trainer["default_root_dir"] = str(run_dir)  # loggers, checkpoints and the HF export follow it
+    band_filter = callback(config, "ProblemBandFilter")
+    if band_filter is not None and settings.get("split_dir") is not None:
+        band_filter["output_dir"] = str(settings["split_dir"])
     if settings.get("model"):
         model["model"] = str(settings["model"])
     task = data["task"].setdefault("init_args", {})

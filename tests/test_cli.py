@@ -65,8 +65,9 @@ def test_short_class_names_resolve(capsys):
 
 def test_help_lists_subcommands_and_documented_settings():
     out = subprocess.run([sys.executable, "-m", "sdlit.cli", "--help"], capture_output=True, text=True, check=True)
-    for sub in ("fit", "validate", "test"):
+    for sub in ("fit", "validate", "test", "analyze"):
         assert sub in out.stdout
+    assert "predict" not in out.stdout  # the module has no predict step
     fit = subprocess.run(
         [sys.executable, "-m", "sdlit.cli", "fit", "--model.help", "SelfDistillationModule"],
         capture_output=True, text=True, check=True,
@@ -124,3 +125,67 @@ def run_gsm8k_config_step(name, tiny_model_dir):
         "--data.sampling.max_new_tokens", "8", "--data.evaluation.max_new_tokens", "4",
         "--data.evaluation.batch_size", "1", "--data.batch_size", "1" if name == "grpo" else "2",
     ])
+
+
+def without_run_dir(config: dict) -> dict:
+    config["trainer"].pop("default_root_dir")
+    return config
+
+
+@pytest.mark.parametrize("name, feedback", [("reference", "ReferenceSolution"), ("critique", "StepCritique")])
+def test_gsm8k_base_plus_feedback_fragments_is_the_condition_config(name, feedback, capsys):
+    fragments = [str(ROOT / "callbacks/BinaryReward.yaml"), str(ROOT / f"callbacks/{feedback}.yaml")]
+    composed = print_config(["--config", str(ROOT / "configs/gsm8k/base.yaml"),
+                             *(arg for f in fragments for arg in ("--config", f))], capsys)
+    condition = print_config(["--config", str(ROOT / f"configs/gsm8k/{name}.yaml")], capsys)
+    assert without_run_dir(composed) == without_run_dir(condition)
+    base = print_config(["--config", str(ROOT / "configs/gsm8k/base.yaml")], capsys)
+    assert not [c for c in base["trainer"]["callbacks"] if c["class_path"].split(".")[-1] in
+                ("BinaryReward", "ReferenceSolution", "StepCritique")]
+
+
+def test_paper_critic_settings_agree_with_the_http_critic_fragment():
+    paper = yaml.safe_load((ROOT / "configs/paper/critique.yaml").read_text())
+    fragment = yaml.safe_load((ROOT / "callbacks/StepCritique.HTTPCritic.yaml").read_text())
+    in_paper = [c for c in paper["trainer"]["callbacks"] if c["class_path"].endswith("StepCritique")]
+    assert in_paper == fragment["trainer"]["callbacks+"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT)) for c in CONFIGS])
+def test_configs_name_their_run_directory_once(config):
+    """Outputs follow trainer.default_root_dir: no logger save_dir, checkpoint or export dirpath of their own."""
+    text = yaml.safe_load(config.read_text())
+    trainer = text["trainer"]
+    assert trainer.get("default_root_dir"), "every shipped config names its run directory"
+    loggers = trainer.get("logger") or []
+    assert not [lg for lg in loggers if (lg.get("init_args") or {}).get("save_dir")]
+    for callback in trainer.get("callbacks") or []:
+        if callback["class_path"].endswith(("ModelCheckpoint", "HFExport")):
+            assert not (callback.get("init_args") or {}).get("dirpath"), callback
+
+
+def test_every_output_follows_the_run_directory(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "elsewhere"
+    cli = run_cli([
+        "fit", "--config", str(ROOT / "configs/gsm8k/reference.yaml"), "--config", str(ROOT / "callbacks/HFExport.yaml"),
+        "--model.model", tiny_model_dir, "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", "1", "--trainer.accumulate_grad_batches", "1", "--trainer.limit_val_batches", "1",
+        "--data.sampling.max_new_tokens", "8", "--data.evaluation.max_new_tokens", "4",
+        "--data.evaluation.batch_size", "1", "--data.evaluation.num_problems", "1",
+    ])
+    assert cli.trainer.global_step == 1
+    assert (root / "checkpoints/last.ckpt").exists()
+    assert list((root / "logs").rglob("metrics.csv")) and list((root / "tb").rglob("events.out.tfevents.*"))
+    assert (root / "hf/config.json").exists()
+    assert not (tmp_path / "runs").exists(), "nothing is written under the config's own run directory"
+
+
+def test_moved_flat_keys_name_their_new_key(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  init_args:\n    eval_k: 4\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(old), "--data.temperature", "1.1", "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.eval_k is now data.evaluation.k" in err and "data.temperature is now data.sampling.temperature" in err

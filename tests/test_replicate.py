@@ -39,8 +39,8 @@ def test_stage_configs_point_into_the_run_directory(replicate, tmp_path):
     trainer, data = config["trainer"], config["data"]["init_args"]
     assert trainer["default_root_dir"] == str(tmp_path / "run") and trainer["max_epochs"] == 5
     assert "max_steps" not in trainer  # None keeps the YAML's setting (here: none)
-    assert trainer["logger"][0]["init_args"]["save_dir"] == str(tmp_path / "run")
-    assert replicate.callback(config, "ModelCheckpoint")["dirpath"] == str(tmp_path / "run" / "checkpoints")
+    assert "save_dir" not in trainer["logger"][0]["init_args"]  # follows default_root_dir
+    assert "dirpath" not in replicate.callback(config, "ModelCheckpoint")
     assert replicate.callback(config, "AvgAtKEvaluation")["every_n_steps"] == 4
     assert config["model"]["init_args"]["model"] == str(tmp_path / "warm")
     assert data["task"]["init_args"]["train_path"] == str(tmp_path / "s" / "train.jsonl")

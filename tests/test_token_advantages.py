@@ -67,7 +67,7 @@ def test_logger_every_n_steps_caps_records_and_locates_errors_with_a_critic(tmp_
 
 
 def test_fragment_adds_the_logger(tmp_path):
-    fragment = yaml.safe_load(open("callbacks/token_advantages.yaml"))
+    fragment = yaml.safe_load(open("callbacks/TokenAdvantageLogger.yaml"))
     (entry,) = fragment["trainer"]["callbacks+"]
     assert entry["class_path"] == "sdlit.callbacks.TokenAdvantageLogger"
     with pytest.raises(ValueError, match="every_n_steps must be at least 1"):
