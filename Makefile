@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/quickstart.yaml
 QUICKSTART_DIR ?= runs/quickstart
 
-.PHONY: setup quickstart test test-slow bench-step replicate clean
+.PHONY: setup quickstart test test-slow lint bench-step replicate clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# ruff (rules E, F, I, B; line length 120: pyproject.toml)
+lint: setup
+	$(PY) -m ruff check .
 
 # Training-step throughput against TRL (bench/step.py; installs the optional `bench` extra: trl)
 bench-step: setup

@@ -48,7 +48,8 @@ def solver_answers(model_name: str, n: int, max_new_tokens: int):
     tokenizer, model = load_tokenizer(model_name), load_model(model_name).eval()
     problems = GSM8K().eval_problems()[:n]
     with torch.inference_mode():
-        return sample_rollouts(model, tokenizer, problems, n=1, settings=SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens))
+        return sample_rollouts(model, tokenizer, problems, n=1,
+                               settings=SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens))
 
 
 def parse(critic: HFCritic, reply: str, response: str):
@@ -67,10 +68,10 @@ def main(argv=None) -> dict:
     critic = HFCritic(args.model, device="auto", max_new_tokens=args.critique_tokens, batch_size=args.batch_size)
     replies = critic.replies(items)
     outcomes = [reply if isinstance(reply, Exception) else parse(critic, reply, item[2])
-                for item, reply in zip(items, replies)]
+                for item, reply in zip(items, replies, strict=False)]
     rules = ArithmeticStepCritic().critique_batch(items)
     rows, parsed, same_error, same_case = [], 0, 0, 0
-    for item, reply, llm, rule in zip(items, replies, outcomes, rules):
+    for item, reply, llm, rule in zip(items, replies, outcomes, rules, strict=False):
         ok = not isinstance(llm, Exception)
         parsed += ok
         same_error += ok and llm.first_error == rule.first_error

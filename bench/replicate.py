@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -194,7 +195,8 @@ def spread(values: list[float], scale: float = 100.0) -> str:
 
 
 def results_table(runs: dict, conditions: list[str]) -> list[str]:
-    lines = ["| condition | seeds | best Avg@12 (step) | best Pass@12 (step) | best Maj@12 (step) | mean length at best Avg@12 |",
+    lines = ["| condition | seeds | best Avg@12 (step) | best Pass@12 (step) | best Maj@12 (step) "
+             "| mean length at best Avg@12 |",
              "|---|---|---|---|---|---|"]
     warm = [r["curve"][0] for r in runs.values() if r["curve"][0]["step"] == 0]
     by_seed = {r["seed"]: r["curve"][0] for r in runs.values() if r["curve"][0]["step"] == 0}
@@ -344,16 +346,21 @@ def main(argv=None) -> None:
         common = dict(model=warm_model, split_dir=split_dir, trainer={"max_epochs": args.epochs},
                       callbacks={"AvgAtKEvaluation.every_n_steps": args.eval_every})
         warm_eval = seed_dir / "warm"
-        stage(state, state_path, f"seed{seed}/warm", warm_eval / "done.json", lambda: finish(warm_eval, run_sdlit(
-            "validate", run_config("critique", warm_eval, seed, **common), warm_eval, args.threads)))
+        stage(state, state_path, f"seed{seed}/warm", warm_eval / "done.json", functools.partial(
+            finished_run, "validate", run_config("critique", warm_eval, seed, **common), warm_eval, args.threads))
         for condition in args.conditions:
             run_dir = seed_dir / condition
-            stage(state, state_path, f"seed{seed}/{condition}", run_dir / "done.json",
-                  lambda: finish(run_dir, run_sdlit("fit", run_config(condition, run_dir, seed, **common),
-                                                    run_dir, args.threads, resume=True)))
+            stage(state, state_path, f"seed{seed}/{condition}", run_dir / "done.json", functools.partial(
+                finished_run, "fit", run_config(condition, run_dir, seed, **common), run_dir, args.threads,
+                resume=True))
             write_results(out, results, args, state)
     write_results(out, results, args, state)
     print(f"results: {results / 'replication.md'}", flush=True)
+
+
+def finished_run(command: str, config: dict, run_dir: Path, threads: int | None, resume: bool = False) -> float:
+    """``run_sdlit``, then the run marked finished (:func:`finish`); its wall seconds."""
+    return finish(run_dir, run_sdlit(command, config, run_dir, threads, resume))
 
 
 def finish(run_dir: Path, seconds: float) -> float:

@@ -35,8 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-import sdlit  # noqa: F401  (before torch: sdlit puts large CPU tensors on huge pages, see sdlit/__init__.py)
 from lightning.pytorch.callbacks import Callback
+
+import sdlit  # noqa: F401  (before torch: sdlit puts large CPU tensors on huge pages, see sdlit/__init__.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLLOUTS = {"reference": 1, "grpo": 8}
@@ -294,13 +295,15 @@ def report(args, results: dict) -> None:
         if peer:
             theirs = seconds_per_step(peer)
             print(f"| {peer['peer']} | {theirs:.2f} | {peer['peak_rss_mib']:.0f} |")
-            print(f"| **sdlit / peer** | **{mine / theirs:.2f}x** | **{ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x** |")
+            print(f"| **sdlit / peer** | **{mine / theirs:.2f}x** | "
+                  f"**{ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x** |")
         if rounds_line(results, condition):
             print(f"\n{rounds_line(results, condition)}")
         if gen:
             rates = {k: sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v) for k, v in gen["runs"].items()}
             print(f"\nrollout generation, {gen['rows']} rows: plain generate {rates['generate']:.1f} tokens/s, "
-                  f"sdlit sampler {rates['static_cache']:.1f} tokens/s: **{rates['static_cache'] / rates['generate']:.2f}x**")
+                  f"sdlit sampler {rates['static_cache']:.1f} tokens/s: "
+                  f"**{rates['static_cache'] / rates['generate']:.2f}x**")
             if "static_cache_model_forward" in rates:
                 forward = rates["static_cache_model_forward"]
                 print(f"(sdlit sampler with decode steps through the model's forward, not the lean Llama step: "
@@ -318,7 +321,8 @@ def machine(accelerator: str) -> str:
 
     if accelerator == "gpu" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return (f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")
 
 
 def main(argv=None) -> None:

@@ -111,7 +111,7 @@ def build_dataset(n: int) -> Dataset:
 def correctness_reward(completions, answer, **kwargs) -> list[float]:
     """1.0 when sdlit's answer check accepts the completion, else 0.0."""
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [1.0 if is_correct(text, gold) else 0.0 for text, gold in zip(texts, answer)]
+    return [1.0 if is_correct(text, gold) else 0.0 for text, gold in zip(texts, answer, strict=False)]
 
 
 def common_args(opts) -> dict:
@@ -159,13 +159,13 @@ def prompt_check(trainer, tokenizer, dataset, condition: str) -> dict:
         conversation=[r["prompt"] for r in rows], add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
     ours = [student_prompt_ids(tokenizer, r["question"]) for r in rows]
-    check = {"student_prompt_ids_equal": [list(a) == b for a, b in zip(trl_student, ours)]}
+    check = {"student_prompt_ids_equal": [list(a) == b for a, b in zip(trl_student, ours, strict=False)]}
     if condition == "reference":
         builder = trainer.teacher_context_builder
         teacher = trainer._tokenize_prompts(
             [builder._compose_teacher_prompt(r["prompt"], r["privileged_context"]) for r in rows])
         ours = [teacher_prompt_ids(tokenizer, r["question"], r["privileged_context"], HEADER, 10**9).ids for r in rows]
-        check["teacher_prompt_ids_equal"] = [list(a) == b for a, b in zip(teacher, ours)]
+        check["teacher_prompt_ids_equal"] = [list(a) == b for a, b in zip(teacher, ours, strict=False)]
         check["teacher_prompt_tokens_max"] = max(len(t) for t in teacher)
     return check
 

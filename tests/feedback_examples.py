@@ -1,6 +1,6 @@
-"""Feedback kinds defined outside sdlit, as a user would: one subclass each, selected from YAML."""
+"""Feedback kinds and a task defined outside sdlit, as a user would: one subclass each, selected from YAML."""
 
-from sdlit.callbacks import Feedback
+from sdlit.feedback import Feedback
 from sdlit.tasks.arith import Arith
 
 
@@ -22,8 +22,17 @@ class LengthParityReward(Feedback):
 
 
 class ParityArith(Arith):
-    """Arith whose answer check is a coin flip a random model can win: correct when the response has an even
-    number of characters (so a tiny random model gets a spread of Avg@n)."""
+    """Arith problems graded by a rule the random tiny model meets about half the time, so the metrics are not 0.
+
+    A response is correct when its number of characters is even; its extracted answer is its length mod 3, except
+    that lengths divisible by 5 are unparseable (None), so Maj@k sees ties, misses and majorities.
+    """
+
+    def extract_answer(self, text):
+        return None if len(text) % 5 == 0 else str(len(text) % 3)
 
     def is_correct(self, response, gold):
         return len(response) % 2 == 0
+
+
+PARITY_TASK = {"class_path": "feedback_examples.ParityArith", "init_args": {"train_size": 16, "eval_size": 6}}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdlit.settings import SamplingSettings
 from sdlit.module import SelfDistillationModule
 from sdlit.prompts import student_prompt_ids, teacher_prompt_ids
 from sdlit.sampling import sample_rollouts
 from sdlit.scoring import build_scoring_batch, response_logits, token_logprobs
+from sdlit.settings import SamplingSettings
 from sdlit.tasks.arith import Arith
 
 
@@ -27,8 +27,9 @@ def module(tiny_model_dir):
 
 def some_rollouts(module, contexts):
     problems = Arith(train_size=len(contexts)).train_problems()
-    rollouts = sample_rollouts(module.model, module.tokenizer, problems, settings=SamplingSettings(max_new_tokens=10, temperature=1.0))
-    for rollout, context in zip(rollouts, contexts):
+    rollouts = sample_rollouts(module.model, module.tokenizer, problems,
+                               settings=SamplingSettings(max_new_tokens=10, temperature=1.0))
+    for rollout, context in zip(rollouts, contexts, strict=False):
         rollout.context = context
     return rollouts
 
@@ -138,7 +139,9 @@ def test_chat_template_kwargs_reach_student_and_teacher_prompts(tiny_model_dir):
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     problems = Arith(train_size=1).train_problems()
-    rollouts = sample_rollouts(module.model, module.tokenizer, problems, template_kwargs=module.hparams.student_template_kwargs, settings=SamplingSettings(max_new_tokens=4))
+    rollouts = sample_rollouts(module.model, module.tokenizer, problems,
+                               template_kwargs=module.hparams.student_template_kwargs,
+                               settings=SamplingSettings(max_new_tokens=4))
     student_text = module.tokenizer.decode(rollouts[0].prompt_ids)
     assert student_text.startswith("<|im_start|>system\n<no-think>") and student_text.endswith("assistant\n")
     rollouts[0].context = "hint"

@@ -16,10 +16,10 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from sdlit.settings import EvalSettings, SamplingSettings
 from sdlit.cli import run_cli
 from sdlit.data import RolloutDataModule, read_offline_rollouts
 from sdlit.models import ModelLoadError, load_model, load_tokenizer
+from sdlit.settings import EvalSettings, SamplingSettings
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError
 from sdlit.tasks.gsm8k import GSM8K, read_problems

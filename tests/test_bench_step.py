@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import load_bench_script
 
 
@@ -35,10 +36,11 @@ def test_report_prints_the_ratio_against_the_peer(step, capsys):
     results = {"reference/sdlit": recorded([9.0, 4.0, 4.0]),
                "reference/sdlit-no-length_groups": recorded([9.0, 5.0, 5.0]),
                "reference/peer": {"peer": "trl x", "seconds_per_step": [20.0, 8.0, 8.0], "peak_rss_mib": 2000.0},
-               "reference/generation": {"rows": 8, "runs": {"generate": [{"seconds": 2.0, "tokens": 100}],
-                                                            "static_cache": [{"seconds": 1.0, "tokens": 100}],
-                                                            "static_cache_model_forward": [{"seconds": 1.25, "tokens": 100}],
-                                                            "static_cache_plain_linears": [{"seconds": 1.6, "tokens": 100}]}}}
+               "reference/generation": {"rows": 8, "runs": {
+                   "generate": [{"seconds": 2.0, "tokens": 100}],
+                   "static_cache": [{"seconds": 1.0, "tokens": 100}],
+                   "static_cache_model_forward": [{"seconds": 1.25, "tokens": 100}],
+                   "static_cache_plain_linears": [{"seconds": 1.6, "tokens": 100}]}}}
     step.report(args, results)
     out = capsys.readouterr().out
     assert "| **sdlit / peer** | **0.50x** | **0.50x** |" in out
@@ -51,9 +53,11 @@ def test_report_prints_the_ratio_against_the_peer(step, capsys):
 def test_rounds_each_side_is_its_fastest_round_and_every_round_is_printed(step, capsys):
     args = step.parse_args(["--conditions", "reference", "--steps", "3", "--rounds", "2"])
     results = {"reference/sdlit/round0": recorded([9.0, 6.0, 6.0]),
-               "reference/peer/round0": {"peer": "trl x", "seconds_per_step": [20.0, 10.0, 10.0], "peak_rss_mib": 2000.0},
+               "reference/peer/round0": {"peer": "trl x", "seconds_per_step": [20.0, 10.0, 10.0],
+                                         "peak_rss_mib": 2000.0},
                "reference/sdlit/round1": recorded([9.0, 4.0, 4.0]),
-               "reference/peer/round1": {"peer": "trl x", "seconds_per_step": [20.0, 12.0, 12.0], "peak_rss_mib": 2000.0}}
+               "reference/peer/round1": {"peer": "trl x", "seconds_per_step": [20.0, 12.0, 12.0],
+                                         "peak_rss_mib": 2000.0}}
     step.pick_fastest_rounds(results, "reference")
     assert results["reference/sdlit"] is results["reference/sdlit/round1"]
     assert results["reference/peer"] is results["reference/peer/round0"]

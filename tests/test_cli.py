@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from sdlit.cli import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT as ROOT
+from conftest import print_config
+
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 FRAGMENTS = sorted((ROOT / "callbacks").glob("*.yaml"))
-
-
-def print_config(args, capsys) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(["fit", *args, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT)) for c in CONFIGS])
@@ -168,7 +162,8 @@ def test_every_output_follows_the_run_directory(tmp_path, tiny_model_dir, monkey
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "elsewhere"
     cli = run_cli([
-        "fit", "--config", str(ROOT / "configs/gsm8k/reference.yaml"), "--config", str(ROOT / "callbacks/HFExport.yaml"),
+        "fit", "--config", str(ROOT / "configs/gsm8k/reference.yaml"),
+        "--config", str(ROOT / "callbacks/HFExport.yaml"),
         "--model.model", tiny_model_dir, "--trainer.default_root_dir", str(root),
         "--trainer.max_steps", "1", "--trainer.accumulate_grad_batches", "1", "--trainer.limit_val_batches", "1",
         "--data.sampling.max_new_tokens", "8", "--data.evaluation.max_new_tokens", "4",

@@ -13,7 +13,7 @@ from sdlit.data import RolloutDataModule, read_offline_rollouts
 from sdlit.tasks.base import DataError
 from sdlit.tasks.gsm8k import GSM8K
 
-from test_fit import write_config
+from conftest import write_config
 
 ROW = {
     "question": "Tom has 3 apples and buys 4 more. How many apples does he have?",

@@ -11,49 +11,7 @@ import yaml
 from sdlit.cli import run_cli
 from sdlit.module import SelfDistillationModule
 
-
-def write_config(tmp_path, model_dir, objective="self_distillation", callbacks=(), lora=True, teacher="base",
-                 rollouts_per_problem=1, extra_trainer=None, evaluation=None):
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 2,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "default_root_dir": str(tmp_path),
-            "callbacks": [{"class_path": c} if isinstance(c, str) else c for c in callbacks],
-            **(extra_trainer or {}),
-        },
-        "model": {
-            "class_path": "sdlit.module.SelfDistillationModule",
-            "init_args": {
-                "model": model_dir,
-                "objective": objective,
-                "teacher": teacher,
-                "learning_rate": 0.01,
-                "lora": {"r": 4, "alpha": 8} if lora else None,
-            },
-        },
-        "data": {
-            "class_path": "sdlit.data.RolloutDataModule",
-            "init_args": {
-                "task": {"class_path": "sdlit.tasks.arith.Arith", "init_args": {"train_size": 16, "eval_size": 4}},
-                "batch_size": 2,
-                "rollouts_per_problem": rollouts_per_problem,
-                "sampling": {"max_new_tokens": 12},
-                "evaluation": {"k": 3, "max_new_tokens": 8, "batch_size": 2, "num_problems": 2, **(evaluation or {})},
-            },
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+from conftest import write_config
 
 
 def trainable_snapshot(module):
@@ -115,7 +73,8 @@ def test_missing_feedback_is_a_clear_error(tmp_path, tiny_model_dir, objective, 
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir, callbacks=["StepCritique"], extra_trainer={"precision": "bf16-mixed"})
+    config = write_config(tmp_path, tiny_model_dir, callbacks=["StepCritique"],
+                          extra_trainer={"precision": "bf16-mixed"})
     cli = run_cli(["fit", "--config", config])
     assert cli.trainer.precision == "bf16-mixed"
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))

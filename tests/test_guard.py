@@ -10,7 +10,6 @@ import yaml
 from lightning.pytorch import Callback
 
 from sdlit.checkpointing import AtomicCheckpointIO
-from sdlit.cli import run_cli
 from sdlit.guard import NonFiniteTrainingError, StepGuard
 from sdlit.module import SelfDistillationModule
 
@@ -86,7 +85,6 @@ def write_config(tmp_path, model_dir, nan_loss_steps=(), max_bad=3, max_steps=4)
 def fit_with(config, *callbacks):
     """Run ``sdlit fit`` with extra callback objects (added after parsing, like trainer_defaults)."""
     from sdlit.cli import SdlitCLI
-
     from sdlit.data import RolloutDataModule
 
     cli = SdlitCLI(SelfDistillationModule, RolloutDataModule, subclass_mode_model=True, subclass_mode_data=True,

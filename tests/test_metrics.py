@@ -1,14 +1,14 @@
 """Tests for sdlit.metrics: hand-computed cases, brute-force pass@k, and a 2-process gloo run."""
 
 import itertools
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK, majority_answer
+
+from conftest import free_port, gloo_group
 
 
 def _bool(rows):
@@ -115,11 +115,6 @@ def test_validation_errors():
         AvgAtK(0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _dist_data():
     g = torch.Generator().manual_seed(0)
@@ -134,16 +129,13 @@ def _make_metrics():
 
 
 def _dist_worker(rank, world_size, port, expected):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         correct, answers = _dist_data()
         bounds = [(0, 3), (3, 10)][rank]  # uneven split on purpose
         for metric, want in zip(_make_metrics(), expected, strict=True):
             metric.update(correct[slice(*bounds)], answers[slice(*bounds)])
             got = float(metric.compute())
             assert abs(got - want) < 1e-6, (type(metric).__name__, rank, got, want)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_distributed_two_processes_match_single_process():
@@ -152,4 +144,4 @@ def test_distributed_two_processes_match_single_process():
     for metric in _make_metrics():
         metric.update(correct, answers)
         expected.append(float(metric.compute()))
-    mp.spawn(_dist_worker, args=(2, _free_port(), expected), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), expected), nprocs=2, join=True)

@@ -4,21 +4,21 @@ independent reference, and held-out problems shared across ranks without repeats
 from __future__ import annotations
 
 import itertools
-import socket
 from collections import Counter
 from math import comb
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchmetrics import MeanMetric
 
-from sdlit.settings import EvalSettings
 from sdlit.data import RolloutDataModule
 from sdlit.metrics import AvgAtK, MajAtK, PassAtK
+from sdlit.settings import EvalSettings
 from sdlit.tasks.base import DataError, Problem
+
+from conftest import free_port, gloo_group
 
 
 def _bool(rows):
@@ -104,8 +104,7 @@ def _update(metrics, correct, answers, golds, lengths):
 
 
 def _worker(rank, world_size, port, expected):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         correct, answers, golds, lengths = _data()
         # uneven shares and a different number of updates per rank: rank 0 gets problems 0-2 in two updates,
         # rank 1 gets 3-11 in three updates
@@ -116,14 +115,7 @@ def _worker(rank, world_size, port, expected):
         got = [float(m.compute()) for m in metrics]
         for name, g, e in zip(["avg", "pass", "maj(gold)", "maj", "mean_length"], got, expected, strict=True):
             assert abs(g - e) < 1e-5, (name, rank, g, e)
-    finally:
-        dist.destroy_process_group()
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_equal_one_process_and_the_reference():
@@ -134,7 +126,7 @@ def test_two_gloo_processes_equal_one_process_and_the_reference():
     reference = _reference(correct, answers, golds, lengths)
     assert expected == pytest.approx(reference, abs=1e-5)
     assert 0 < expected[0] < 1 and 0 < expected[2] < 1  # not a degenerate case
-    mp.spawn(_worker, args=(2, _free_port(), expected), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), expected), nprocs=2, join=True)
 
 
 # ---- held-out problems shared across ranks ---------------------------------------------------------------
@@ -177,16 +169,15 @@ def test_ddp_fit_evaluation_counts_each_problem_once(tmp_path, tiny_model_dir):
     """Lightning DDP on 2 CPU processes, 3 held-out problems (uneven: 2 + 1), greedy: the evaluation at the end of
     fit equals a single-process `sdlit validate` of the saved checkpoint (a repeated problem would change it)."""
     import csv
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     import yaml
-    from test_evaluation import PARITY_TASK
-    from test_fit import write_config
 
     from sdlit.cli import run_cli
+
+    from conftest import subprocess_env, write_config
+    from feedback_examples import PARITY_TASK
 
     evaluation = {"class_path": "sdlit.callbacks.AvgAtKEvaluation",
                   "init_args": {"every_n_steps": None, "console_problems": 0}}
@@ -202,9 +193,7 @@ def test_ddp_fit_evaluation_counts_each_problem_once(tmp_path, tiny_model_dir):
     open(config, "w").write(yaml.safe_dump(parsed))
     cmd = [sys.executable, "-m", "sdlit.cli", "fit", "--config", config,
            "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    tests = Path(__file__).resolve().parent  # this checkout's sdlit and the test task, whatever is installed
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
     (row,) = [r for r in csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv")))) if r.get("val/avg@3")]

@@ -4,10 +4,8 @@ micro-batches of 2, or 2 gloo ranks of 4 end with the same LoRA weights (token-l
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +14,7 @@ import yaml
 from sdlit.cli import run_cli
 from sdlit.objectives import loss_sum
 
-from test_fit import write_config
-
-TESTS = Path(__file__).resolve().parent
+from conftest import subprocess_env, write_config
 
 
 def offline_rows(groups_of: int = 1) -> list[dict]:
@@ -66,7 +62,7 @@ def train_split(tmp_path, model_dir, objective, batch_size, accumulate=1, device
         return final_lora(tmp_path)
     cmd = [sys.executable, "-m", "sdlit.cli", "fit", "--config", config,
            "--trainer.devices", str(devices), "--trainer.strategy", "ddp"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    env = subprocess_env()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return final_lora(tmp_path)

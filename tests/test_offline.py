@@ -9,10 +9,10 @@ from collections import defaultdict
 import pytest
 import torch
 
-from sdlit.settings import SamplingSettings
 from sdlit.data import RolloutDataModule
 from sdlit.objectives import group_advantages
 from sdlit.offline import GroupBatches, batch_group_indices, offline_rollout, read_offline_rollouts
+from sdlit.settings import SamplingSettings
 from sdlit.tasks.base import DataError
 
 from conftest import build_tokenizer
@@ -51,7 +51,7 @@ def test_groups_stay_whole_and_are_shuffled_as_groups(tmp_path):
         for batch in batches:
             assert len(batch) == 6
             members = defaultdict(set)
-            for r, index in zip(batch, batch_group_indices(batch)):
+            for r, index in zip(batch, batch_group_indices(batch), strict=False):
                 members[index].add(r["group"])
             assert all(len(g) == 1 for g in members.values())  # one batch index per file group
             assert sorted(r["group"] for r in batch).count(batch[0]["group"]) == 3  # the whole group
@@ -64,7 +64,7 @@ def test_a_row_without_group_is_its_own_group(tmp_path):
     batch = batches_of(write(tmp_path, rows), batch_size=4, shuffle=False)[0]
     tokenizer = build_tokenizer()
     groups = batch_group_indices(batch)
-    rollouts = [offline_rollout(r, tokenizer, 0, group=g) for r, g in zip(batch, groups)]
+    rollouts = [offline_rollout(r, tokenizer, 0, group=g) for r, g in zip(batch, groups, strict=False)]
     assert len({rollouts[0].group, rollouts[1].group}) == 2
     assert rollouts[2].group == rollouts[3].group != rollouts[0].group
     rewards = torch.tensor([r.reward for r in rollouts])

@@ -9,22 +9,21 @@ import warnings
 import pytest
 import torch
 import yaml
-from conftest import build_tokenizer
-from test_fit import write_config
-from test_teacher_and_temperature import rollouts_with_context
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from sdlit.callbacks import HFExport
 from sdlit.callbacks.export import export_hf
 from sdlit.cli import run_cli
-from sdlit.sampling.linears import decoding_linears
-from sdlit.sampling.static_cache import sample_with_static_cache
-from sdlit.sampling.llama_step import supports_llama_step
 from sdlit.models import LoraSettings
 from sdlit.module import SelfDistillationModule
 from sdlit.quantization import is_quantized
 from sdlit.sampling import cut_at_eos
+from sdlit.sampling.linears import decoding_linears
+from sdlit.sampling.llama_step import supports_llama_step
+from sdlit.sampling.static_cache import sample_with_static_cache
 from sdlit.scoring import response_hidden, response_logits, token_logprobs
+
+from conftest import build_tokenizer, rollouts_with_context, write_config
 
 bnb = pytest.importorskip("bitsandbytes")
 LORA = LoraSettings(r=4, alpha=8)

@@ -9,9 +9,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import load_bench_script
 
 from sdlit.callbacks.evaluation import SAMPLE_COLUMNS
+
+from conftest import load_bench_script
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def write_samples(path: Path, step: int, table: list[list[tuple[str, bool, int]]
 def test_stage_configs_point_into_the_run_directory(replicate, tmp_path):
     config = replicate.run_config("critique", tmp_path / "run", 3, model=tmp_path / "warm", split_dir=tmp_path / "s",
                                   trainer={"max_epochs": 5, "max_steps": None},
-                                  callbacks={"AvgAtKEvaluation.every_n_steps": 4}, data={"evaluation.k": None, "evaluation.batch_size": 3})
+                                  callbacks={"AvgAtKEvaluation.every_n_steps": 4},
+                                  data={"evaluation.k": None, "evaluation.batch_size": 3})
     assert config["seed_everything"] == 3
     trainer, data = config["trainer"], config["data"]["init_args"]
     assert trainer["default_root_dir"] == str(tmp_path / "run") and trainer["max_epochs"] == 5
@@ -76,8 +78,10 @@ def test_results_pick_the_best_step_per_metric(replicate, tmp_path):
     log = "logs/version_0/samples"
     for seed in (0, 1):
         write_samples(out / f"seed{seed}" / "warm" / log / "val_step000000.csv", 0, [[wrong, wrong], [wrong, right]])
-        write_samples(out / f"seed{seed}" / "critique" / log / "val_step000002.csv", 2, [[right, right], [wrong, wrong]])
-        write_samples(out / f"seed{seed}" / "critique" / log / "val_step000004.csv", 4, [[right, wrong], [right, wrong]])
+        write_samples(out / f"seed{seed}" / "critique" / log / "val_step000002.csv", 2,
+                      [[right, right], [wrong, wrong]])
+        write_samples(out / f"seed{seed}" / "critique" / log / "val_step000004.csv", 4,
+                      [[right, wrong], [right, wrong]])
         (out / f"seed{seed}" / "critique" / "done.json").write_text("{}")
     args = SimpleNamespace(seeds=[0, 1], conditions=["grpo", "reference", "critique"])
     replicate.write_results(out, results, args, {"seconds": {"warmstart": 60.0}, "machine": "test machine"})

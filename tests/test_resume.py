@@ -14,8 +14,16 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-from sdlit.checkpointing import AtomicCheckpointIO, EpochSampler, ResumableLoader, capture_rng_states, restore_rng_states
+from sdlit.checkpointing import (
+    AtomicCheckpointIO,
+    EpochSampler,
+    ResumableLoader,
+    capture_rng_states,
+    restore_rng_states,
+)
 from sdlit.cli import run_cli, with_atomic_checkpoints
+
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +129,7 @@ def recorder(path: Path) -> dict:
 
 
 def run_in_subprocess(config: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "sdlit.cli", "fit", "--config", config, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
 
@@ -150,7 +158,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
     kill_after = 3
     crash_log = tmp_path / "steps.jsonl"
     config = write_config(tmp_path, tiny_model_dir,
-                          [recorder(crash_log), {"class_path": "test_resume.KillAtStep", "init_args": {"step": kill_after}}])
+                          [recorder(crash_log),
+                           {"class_path": "test_resume.KillAtStep", "init_args": {"step": kill_after}}])
     killed = run_in_subprocess(config, tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert sorted(read_steps(crash_log)) == list(range(1, kill_after + 1))
@@ -164,7 +173,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
         assert got[step]["problems"] == expected[step]["problems"], f"step {step}: other problems"
         assert got[step]["responses"] == expected[step]["responses"], f"step {step}: other rollouts"
         assert got[step]["epoch"] == expected[step]["epoch"]
-        assert abs(got[step]["loss"] - expected[step]["loss"]) <= 1e-6, (step, got[step]["loss"], expected[step]["loss"])
+        assert abs(got[step]["loss"] - expected[step]["loss"]) <= 1e-6, (
+            step, got[step]["loss"], expected[step]["loss"])
     assert [got[s]["epoch"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 1]
     seen = [p for s in range(1, 5) for p in got[s]["problems"]]
     assert len(seen) == len(set(seen)) == 8, "an epoch skipped or repeated a problem"
@@ -176,7 +186,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_d
     opt_a, opt_b = straight.trainer.optimizers[0], resumed.trainer.optimizers[0]
     moments_a = [s["exp_avg"] for s in opt_a.state.values()]
     moments_b = [s["exp_avg"] for s in opt_b.state.values()]
-    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(moments_a, moments_b))
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(moments_a, moments_b, strict=False))
     assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"]
 
 
@@ -202,7 +212,9 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(tmp_path, tiny_mode
     assert partial, "the save was not interrupted half-way"
     checkpoint = AtomicCheckpointIO().load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     assert checkpoint["global_step"] == 1  # the previous checkpoint, whole
-    with pytest.raises(Exception):  # the half-written file is unreadable: it would have replaced last.ckpt
+    # the half-written file is unreadable (torch reports a cut archive as either error, by where it was cut);
+    # it would have replaced last.ckpt
+    with pytest.raises((RuntimeError, OSError)):
         torch.load(partial[0], weights_only=True)
     resumed = run_cli(["fit", "--config", write_config(tmp_path, tiny_model_dir, []), "--ckpt_path", "last",
                        "--trainer.max_steps", "2"])

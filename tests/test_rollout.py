@@ -1,49 +1,35 @@
-"""Rollout sampling: batching, grouping, EOS handling and greedy decoding on a tiny model."""
+"""Rollout.from_text: a rollout from given text, tokenized once, as offline data, SFT and analysis build them."""
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from sdlit.settings import SamplingSettings
 from sdlit.prompts import student_prompt_ids
-from sdlit.sampling import cut_at_eos, sample_responses, sample_rollouts
-from sdlit.sampling.static_cache import left_pad
-from sdlit.tasks.arith import Arith
+from sdlit.rollout import Rollout
+from sdlit.tasks.base import Problem
+
+from conftest import build_thinking_tokenizer, build_tokenizer
+
+PROBLEM = Problem(question="What is 2 + 3?", solution="2+3=<<2+3=5>>5\n#### 5", answer="5", id="p0")
+TEXT = "Step 1: 2 + 3 = 5\nAnswer: 5"
 
 
-def load(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+def test_a_finished_answer_ends_with_eos_and_keeps_its_text():
+    tokenizer = build_tokenizer()
+    rollout = Rollout.from_text(PROBLEM, TEXT, tokenizer, policy_version=3, group=2, reward=1.0)
+    assert rollout.response_ids == tokenizer(TEXT, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert tokenizer.decode(rollout.response_ids, skip_special_tokens=True) == rollout.response == TEXT
+    assert rollout.prompt_ids == student_prompt_ids(tokenizer, PROBLEM.question)
+    assert (rollout.policy_version, rollout.group, rollout.reward) == (3, 2, 1.0)
 
 
-def test_left_pad_and_eos_cut():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert cut_at_eos([4, 2, 9, 2], {2}) == [4, 2]
-    assert cut_at_eos([4, 5], {2}) == [4, 5]
+def test_an_unfinished_answer_has_no_eos():
+    tokenizer = build_tokenizer()
+    rollout = Rollout.from_text(PROBLEM, TEXT, tokenizer, finished=False)
+    assert rollout.response_ids == tokenizer(TEXT, add_special_tokens=False)["input_ids"]
 
 
-def test_greedy_samples_match_one_by_one_generation(tiny_model_dir):
-    model, tokenizer = load(tiny_model_dir)
-    problems = Arith(train_size=3).train_problems()
-    prompts = [student_prompt_ids(tokenizer, p.question) for p in problems]
-    batched = sample_responses(model, tokenizer, prompts, n=2, settings=SamplingSettings(temperature=0.0, max_new_tokens=6))
-    assert len(batched) == 6 and batched[0] == batched[1]  # greedy: the n samples of a prompt agree
-    for i, prompt in enumerate(prompts):  # left padding changes nothing: same tokens as unbatched
-        alone = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6,
-                               pad_token_id=tokenizer.pad_token_id)
-        assert batched[2 * i] == cut_at_eos(alone[0, len(prompt):].tolist(), {tokenizer.eos_token_id})
-
-
-def test_rollouts_are_grouped_by_problem_and_keep_their_ids(tiny_model_dir):
-    model, tokenizer = load(tiny_model_dir)
-    problems = Arith(train_size=2).train_problems()
-    torch.manual_seed(0)
-    rollouts = sample_rollouts(model, tokenizer, problems, n=3, policy_version=7, settings=SamplingSettings(max_new_tokens=5))
-    assert [r.group for r in rollouts] == [0, 0, 0, 1, 1, 1]
-    assert [r.problem for r in rollouts] == [problems[0]] * 3 + [problems[1]] * 3
-    assert all(r.policy_version == 7 and 1 <= len(r.response_ids) <= 5 for r in rollouts)
-    assert all(r.response == tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts)
-    model.train()
-    sample_rollouts(model, tokenizer, problems, n=1, settings=SamplingSettings(max_new_tokens=2))
-    assert model.training, "sampling must give the model back in the mode it found it"
+def test_the_prompt_follows_the_template_kwargs():
+    tokenizer = build_thinking_tokenizer()
+    kwargs = {"enable_thinking": False}
+    rollout = Rollout.from_text(PROBLEM, TEXT, tokenizer, template_kwargs=kwargs)
+    assert rollout.prompt_ids == student_prompt_ids(tokenizer, PROBLEM.question, **kwargs)
+    assert rollout.prompt_ids != student_prompt_ids(tokenizer, PROBLEM.question)

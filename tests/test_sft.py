@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from test_fit import write_config
 
 from sdlit.cli import run_cli
 from sdlit.sft import reference_rollouts
-from sdlit.tasks.solutions import tagged_solution
 from sdlit.steps import split_steps
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError, Problem
+from sdlit.tasks.solutions import tagged_solution
+
+from conftest import write_config
 
 GSM8K_SOLUTION = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
 

@@ -8,26 +8,11 @@ import torch
 import yaml
 
 from sdlit.cli import run_cli
-from sdlit.module import SelfDistillationModule
 from sdlit.models import LoraSettings
+from sdlit.module import SelfDistillationModule
 from sdlit.objectives import group_advantages
-from sdlit.prompts import student_prompt_ids
-from sdlit.rollout import Rollout
-from sdlit.tasks.base import Problem
 
-from test_fit import write_config
-
-
-def rollouts_with_context(tokenizer, count=2):
-    problem = Problem("What is 2 + 3?", "2+3=<<2+3=5>>5\n#### 5", "5", "p0")
-    out = []
-    for i in range(count):
-        response = f"Step 1: 2 + 3 = {5 + i}\nAnswer: {5 + i}"
-        out.append(Rollout(problem=problem, prompt_ids=student_prompt_ids(tokenizer, problem.question),
-                           response_ids=tokenizer(response, add_special_tokens=False)["input_ids"]
-                           + [tokenizer.eos_token_id], response=response, group=0, reward=float(i),
-                           context="The answer is 5."))
-    return out
+from conftest import rollouts_with_context, write_config
 
 
 @pytest.mark.parametrize("teacher", ["current", "ema"])
@@ -73,7 +58,7 @@ def test_grpo_logprobs_use_the_sampling_temperature(tmp_path, tiny_model_dir):
     assert module.grpo_temperature() == 0.7
     loss = module.training_step(rollouts, 0)
     advantages = group_advantages(torch.tensor([0.0, 1.0]), torch.tensor([0, 0]))
-    expected = -sum(float(a) * len(r.response_ids) for a, r in zip(advantages, rollouts))
+    expected = -sum(float(a) * len(r.response_ids) for a, r in zip(advantages, rollouts, strict=False))
     assert float(loss) == pytest.approx(expected, abs=1e-4)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import build_thinking_tokenizer, build_tokenizer
 
 from sdlit.prompts import (
     check_teacher_view,
@@ -13,6 +12,8 @@ from sdlit.prompts import (
     teacher_message,
     teacher_prompt_ids,
 )
+
+from conftest import build_thinking_tokenizer, build_tokenizer
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples?"
 CONTEXT = "Step 1 is wrong: 3 + 4 is 7.\nCorrected solution:\nStep 1: 3 + 4 = 7\nAnswer: 7"
@@ -189,7 +190,7 @@ def test_module_teacher_batch_puts_the_response_after_the_students_tokens(thinki
 def test_a_run_whose_views_cannot_be_aligned_stops_at_fit_start(thinking_model_dir, tmp_path):
     from sdlit.cli import run_cli
 
-    from test_fit import write_config
+    from conftest import write_config
 
     config = write_config(tmp_path, thinking_model_dir, callbacks=["ReferenceSolution"])
     with pytest.raises(ValueError, match=r"teacher view cannot be aligned.*enable_thinking"):

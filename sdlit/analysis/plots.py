@@ -25,7 +25,7 @@ def plot_advantages(records: list[TokenRecord], path: str | Path, title: str = "
     limit = max((abs(a) for r in records for a in r.advantages), default=1.0) or 1.0
     fig = Figure(figsize=(10, 2.4 * len(records) + 0.6))
     axes = fig.subplots(len(records), 1, sharex=True, squeeze=False)
-    for ax, record in zip(axes[:, 0], records):
+    for ax, record in zip(axes[:, 0], records, strict=False):
         _panel(ax, record, limit)
     axes[-1, 0].set_xlabel("token position in the response")
     if title:
@@ -78,7 +78,7 @@ def _row(record: TokenRecord) -> str:
     limit = max((abs(a) for a in record.advantages), default=1.0) or 1.0
     span = record.error_span or (-1, -1)
     cells = []
-    for i, (token, value) in enumerate(zip(record.tokens, record.advantages)):
+    for i, (token, value) in enumerate(zip(record.tokens, record.advantages, strict=False)):
         alpha = min(1.0, abs(value) / limit)
         rgb = "43,131,186" if value >= 0 else "215,25,28"
         style = f"background: rgba({rgb},{alpha:.3f})"

@@ -120,7 +120,7 @@ def token_texts(tokenizer, ids: list[int], text: str | None = None) -> list[str]
     ends = token_char_ends(tokenizer, ids, text)
     special = set(tokenizer.all_special_ids)
     pieces, start = [], 0
-    for token, end in zip(ids, ends):
+    for token, end in zip(ids, ends, strict=False):
         pieces.append(tokenizer.convert_ids_to_tokens(token) if token in special else text[start:end])
         start = end
     return pieces

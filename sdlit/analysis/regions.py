@@ -67,7 +67,7 @@ class RegionStats:
     def from_tensor(cls, table: torch.Tensor) -> "RegionStats":
         """The inverse of :meth:`as_tensor` (e.g. after summing the tables of several processes)."""
         stats = cls()
-        for region, row in zip(REGIONS, table.tolist()):
+        for region, row in zip(REGIONS, table.tolist(), strict=False):
             stats.sums[region] = _Sums(row[0], row[1], int(round(row[2])), int(round(row[3])))
             stats.rollouts[region] = int(round(row[4]))
         return stats

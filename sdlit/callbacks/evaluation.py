@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from sdlit.metrics import majority_answer
 
@@ -95,7 +95,8 @@ class AvgAtKEvaluation(Callback):
         k = getattr(getattr(trainer.datamodule, "evaluation", None), "k", None)
         for callback in trainer.callbacks:
             monitor = getattr(callback, "monitor", None) if isinstance(callback, ModelCheckpoint) else None
-            if k is not None and monitor and "@" in monitor and monitor.startswith(("val/avg@", "val/pass@", "val/maj@")):
+            if (k is not None and monitor and "@" in monitor
+                    and monitor.startswith(("val/avg@", "val/pass@", "val/maj@"))):
                 if monitor.rsplit("@", 1)[1] != str(k):
                     raise ValueError(
                         f"ModelCheckpoint monitors {monitor!r} but the evaluation samples k={k} answers per problem "

@@ -92,7 +92,7 @@ class StepCritique(Feedback):
             first = errors[0]
             log.warning("critic failed on %d of %d rollouts (first: %s: %s); fallback %r",
                         len(errors), len(items), type(first).__name__, first, self.fallback)
-        for rollout, outcome in zip(rollouts, outcomes):
+        for rollout, outcome in zip(rollouts, outcomes, strict=False):
             if isinstance(outcome, Exception):
                 self.failures += 1
                 self.failure_kinds[type(outcome).__name__] += 1

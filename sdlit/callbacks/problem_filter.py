@@ -28,8 +28,9 @@ class ProblemBandFilter(Callback):
     """Write the candidate problems whose sampled accuracy Avg@n lies in ``(low, high)`` as a train/held-out split.
 
     Use it with ``sdlit validate``: the candidates are the datamodule's held-out problems (``data.task``,
-    ``data.evaluation.num_problems``) and ``n`` is ``data.evaluation.k``. Output in ``output_dir``: ``train.jsonl``, ``eval.jsonl``
-    (kept problems) and ``filter.json`` (the settings, every candidate's Avg@n and which split it went to).
+    ``data.evaluation.num_problems``) and ``n`` is ``data.evaluation.k``. Output in ``output_dir``: ``train.jsonl``,
+    ``eval.jsonl`` (kept problems) and ``filter.json`` (the settings, every candidate's Avg@n and which split it
+    went to).
 
     Args:
         output_dir: Directory of the split files (created; existing files are replaced).

@@ -26,8 +26,8 @@ from typing import Sequence
 from sdlit.critics.base import Critique, StepVerdict
 from sdlit.critics.claims import contains_value, evaluate_claims, given_numbers, numbers_in
 from sdlit.steps import Step, has_step_tags, split_steps
-from sdlit.tasks.solutions import annotations, clean_solution, solution_lines
 from sdlit.tasks.answers import extract_answer, format_number, gold_value, same_number, to_fraction
+from sdlit.tasks.solutions import annotations, clean_solution, solution_lines
 
 __all__ = ["ArithmeticStepCritic", "given_numbers", "parse_reference"]
 

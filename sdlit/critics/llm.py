@@ -63,7 +63,7 @@ class LLMCritic:
         """A critique, or the exception that prevented it, per item: one failure spoils no other item."""
         replies = self.replies(items)
         outcomes: list[Critique | Exception] = []
-        for (_, _, response), reply in zip(items, replies):
+        for (_, _, response), reply in zip(items, replies, strict=False):
             if isinstance(reply, Exception):
                 outcomes.append(reply)
                 continue
@@ -81,7 +81,7 @@ class LLMCritic:
         replies: list[str | Exception | None] = [self.cache.get(k) if self.cache else None for k in keys]
         todo = [i for i, r in enumerate(replies) if r is None]
         if todo:
-            for i, reply in zip(todo, self.generate([conversations[i] for i in todo])):
+            for i, reply in zip(todo, self.generate([conversations[i] for i in todo]), strict=False):
                 replies[i] = reply
                 if self.cache is not None and isinstance(reply, str):
                     self.cache.put(keys[i], reply, {"model": settings.get("model")})

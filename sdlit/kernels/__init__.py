@@ -7,8 +7,12 @@ backend is used.
 """
 
 from sdlit.kernels import torch_divergence
-from sdlit.kernels.dispatch import BACKENDS, fused_linear_divergence, fused_linear_divergence_with_logprobs
-from sdlit.kernels.dispatch import per_token_divergence
+from sdlit.kernels.dispatch import (
+    BACKENDS,
+    fused_linear_divergence,
+    fused_linear_divergence_with_logprobs,
+    per_token_divergence,
+)
 from sdlit.kernels.fused_linear_logprobs import fused_linear_logprobs
 from sdlit.kernels.inputs import KINDS
 

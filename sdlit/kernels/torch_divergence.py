@@ -24,8 +24,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sdlit.kernels.inputs import KINDS, check_divergence_args, check_pair, effective_kind, kept_rows, no_autocast
-from sdlit.kernels.inputs import picked_logprobs, row_chunks
+from sdlit.kernels.inputs import (
+    KINDS,
+    check_divergence_args,
+    check_pair,
+    effective_kind,
+    kept_rows,
+    no_autocast,
+    picked_logprobs,
+    row_chunks,
+)
 
 # Rows per chunk are chosen so that chunk_rows * V <= _CHUNK_ELEMENTS (8 MiB per fp32 temporary): small
 # enough that the few chunk temporaries are a small fraction of one [N, V] tensor, large enough that the

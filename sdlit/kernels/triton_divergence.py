@@ -18,8 +18,14 @@ import math
 import torch
 import triton
 
-from sdlit.kernels.inputs import check_divergence_args, check_pair, effective_kind, no_autocast, picked_logprobs
-from sdlit.kernels.inputs import row_mask
+from sdlit.kernels.inputs import (
+    check_divergence_args,
+    check_pair,
+    effective_kind,
+    no_autocast,
+    picked_logprobs,
+    row_mask,
+)
 from sdlit.kernels.torch_divergence import scale_rows_, take_stored_grad
 from sdlit.kernels.triton_kernels import KIND_IDS, divergence_kernel
 

@@ -5,14 +5,14 @@ cost more than the arithmetic:
 
 - **LoRA**: every adapted linear runs two more small matmuls plus a scale and an add per token. Adding the adapter
   into a copy of the weight (``W + scaling * B @ A``, the eval-mode output, since dropout is off) removes them;
-- **the CPU GEMM**: PyTorch's default fp32 GEMM reads a weight at a few GB/s when it has only a few rows, so the
-  output head alone (49152 x 576 for SmolLM2) takes ~40 ms per token on a 2-core x86 CPU. oneDNN, given the weight
-  once in its own blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the op ``torch.compile`` uses to
-  pack weights), runs the same product about 3x faster.
+- **the CPU GEMM**: PyTorch's default fp32 GEMM reads a weight far below memory bandwidth when it has only a few
+  rows, and the output head is the largest weight of a small model. oneDNN, given the weight once in its own
+  blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the op ``torch.compile`` uses to pack weights), runs
+  the same product several times faster (``bench/step.py``'s sampler ablations; results/step_reference.md).
 
 :func:`decoding_linears` does both for the duration of a ``with`` block, for the rollout sampler
-(:mod:`sdlit.sampling.static_cache`): the weights are merged and packed once per sampling call (well under a second for a
-135M model, against ~130 decode steps), used for every token, then dropped. The model itself is not changed: each
+(:mod:`sdlit.sampling.static_cache`): the weights are merged and packed once per sampling call (a small cost against
+the call's decode steps), used for every token, then dropped. The model itself is not changed: each
 linear gets an instance ``forward`` that is removed on exit, so training, gradients and checkpoints never see the
 copies. Layers this cannot merge exactly (DoRA and other LoRA variants, adapter biases, bitsandbytes 4-bit and 8-bit
 layers and LoRA on top of them, whose packed ``.weight`` is no plain matrix) keep their own forward.

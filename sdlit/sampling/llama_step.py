@@ -1,9 +1,9 @@
 """A lean decode step for Llama-architecture models: one new token per row, straight from the weights.
 
-At 8 rows a decode step of SmolLM2-135M on a 2-core CPU is ~40 ms of matrix products (the weights read once, near
-memory bandwidth) and as much again of everything else: ~60 small PyTorch calls per layer in the Hugging Face
-modules (projections one by one, the rotary embedding, the static cache's update, attention over the whole
-preallocated cache width, module and hook dispatch). :class:`LlamaDecodeStep` does the same arithmetic in fewer,
+At a few rows a decode step of a small model is matrix products (the weights read once, near memory bandwidth) and
+about as much again of everything else: dozens of small PyTorch calls per layer in the Hugging Face modules
+(projections one by one, the rotary embedding, the static cache's update, attention over the whole preallocated
+cache width, module and hook dispatch). :class:`LlamaDecodeStep` does the same arithmetic in fewer,
 larger calls:
 
 - the query, key and value projections run as one matrix product, and so do the MLP's gate and up projections
@@ -13,8 +13,8 @@ larger calls:
   the columns written so far (left-padded prompts: every row writes the same column);
 - the rotary embedding and the norms are the model's own modules (any RoPE type the model was configured with).
 
-It only replaces the decode steps of :mod:`sdlit.sampling.static_cache` (the prefill stays the model's own forward) and only
-for models it computes exactly: ``LlamaForCausalLM`` with SiLU MLPs, every projection a plain linear or a vanilla
+It only replaces the decode steps of :mod:`sdlit.sampling.static_cache` (the prefill stays the model's own forward) and
+only for models it computes exactly: ``LlamaForCausalLM`` with SiLU MLPs, every projection a plain linear or a vanilla
 LoRA linear (:func:`supports_llama_step`). Its logits match the model's forward to float rounding
 (``tests/test_llama_decoding.py``).
 """
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from sdlit.sampling.linears import fast_linear, is_mergeable_linear, merged_weight
 from sdlit.models import base_model
+from sdlit.sampling.linears import fast_linear, is_mergeable_linear, merged_weight
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -78,7 +78,7 @@ class LlamaDecodeStep:
         cos, sin = self.rotary(x, positions[:, None])  # [B, 1, D]: broadcast over heads
         keep = attention[:, None, None, : column + 1].bool()
         heads = self.query_heads + self.kv_heads  # rotated: queries, then keys
-        for weights, layer_cache in zip(self.layers, cache.layers):
+        for weights, layer_cache in zip(self.layers, cache.layers, strict=False):
             h = weights.input_norm(x)
             qkv = weights.qkv(h).view(batch, heads + self.kv_heads, self.head_dim)
             qk = _rotate(qkv[:, :heads], cos, sin)  # queries and keys: [B, Hq + Hkv, D]

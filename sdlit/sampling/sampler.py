@@ -111,7 +111,7 @@ def sample_rollouts(
             policy_version=policy_version,
             group=i // n,
         )
-        for i, (ids, text) in enumerate(zip(responses, texts))
+        for i, (ids, text) in enumerate(zip(responses, texts, strict=False))
     ]
 
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from sdlit.models import base_model
 from sdlit.sampling.linears import decoding_linears
 from sdlit.sampling.llama_step import LlamaDecodeStep, supports_llama_step
-from sdlit.models import base_model
 from sdlit.scoring import group_by_length
 
 
@@ -220,8 +220,8 @@ def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
     """One index per row of ``probs`` ([B, V], rows need not sum to 1), drawn with probability ``probs / row sum``.
 
     Inverse-CDF sampling: one uniform number per row against the fp64 running sum. Same distribution as
-    ``torch.multinomial(probs, 1)``, which draws an exponential number for every entry (~10 ms per decode step
-    at 8 x 49152 on a 2-core CPU, against ~0.4 ms here). Zero-probability entries are never drawn.
+    ``torch.multinomial(probs, 1)``, which draws an exponential number for every entry of the vocabulary at every
+    decode step (many times the cost of one cumulative sum). Zero-probability entries are never drawn.
     """
     cumulative = probs.double().cumsum(dim=-1)
     uniform = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device) * cumulative[:, -1:]

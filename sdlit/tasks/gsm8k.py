@@ -67,7 +67,9 @@ def read_problems_counted(
     return _parse_rows(file_rows(path), str(path), prefix, on_bad_row, parse)
 
 
-def read_problems(path: str | Path, prefix: str = "gsm8k", on_bad_row: Literal["error", "skip"] = "error") -> list[Problem]:
+def read_problems(
+    path: str | Path, prefix: str = "gsm8k", on_bad_row: Literal["error", "skip"] = "error"
+) -> list[Problem]:
     """Read GSM8K-format problems (fields `question`, `answer`) from a .jsonl or .parquet file.
 
     Args:

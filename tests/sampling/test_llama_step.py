@@ -8,8 +8,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import sdlit.sampling.static_cache as generation
-from sdlit.sampling.static_cache import left_pad, sample_with_static_cache
 from sdlit.sampling.llama_step import LlamaDecodeStep, supports_llama_step
+from sdlit.sampling.static_cache import left_pad, sample_with_static_cache
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]  # left-padded to different widths
 
@@ -71,7 +71,7 @@ def test_decode_steps_give_the_logits_of_a_full_forward(settings, pack):
     generator = torch.Generator().manual_seed(1)
     for t in range(steps):
         tokens = torch.randint(3, 64, (batch,), generator=generator)
-        for row, token in zip(rows, tokens.tolist()):
+        for row, token in zip(rows, tokens.tolist(), strict=False):
             row.append(token)
         attention[:, width + t] = 1
         got = step(cache, tokens, next_position, attention, width + t)

@@ -75,7 +75,7 @@ def test_own_dtype_and_lazy_loading(tiny_model_dir):
 
 
 def test_step_critique_with_hf_critic_counts_unparseable_replies(critic):
-    from test_critics_http import rollouts
+    from conftest import critic_rollouts as rollouts
 
     feedback = StepCritique(critic=critic, fallback="reference")
     batch = rollouts(3)

@@ -36,7 +36,8 @@ def test_merged_linears_give_the_adapters_output(tiny_model_dir, pack):
     expected = logits(model)
     with model.disable_adapter():
         base_only = logits(model)
-    assert (expected - base_only).abs().max() > 1e-2, "the adapter must change the output for this test to mean anything"
+    assert (expected - base_only).abs().max() > 1e-2, (
+        "the adapter must change the output for this test to mean anything")
     with decoding_linears(model, rows=2, pack=pack) as switched:
         got = logits(model)
     layers = model.base_model.model.config.num_hidden_layers

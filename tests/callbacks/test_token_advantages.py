@@ -7,8 +7,6 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import build_tokenizer
-from test_fit import write_config
 
 from sdlit.analysis import RegionStats, read_records
 from sdlit.callbacks import TokenAdvantageLogger
@@ -16,6 +14,8 @@ from sdlit.cli import main, run_cli
 from sdlit.critics import ArithmeticStepCritic
 from sdlit.rollout import Rollout
 from sdlit.tasks.base import Problem
+
+from conftest import REPO_ROOT, build_tokenizer, write_config
 
 
 def fit_with_logger(tmp_path, model_dir, feedback, **logger_args):
@@ -67,7 +67,7 @@ def test_logger_every_n_steps_caps_records_and_locates_errors_with_a_critic(tmp_
 
 
 def test_fragment_adds_the_logger(tmp_path):
-    fragment = yaml.safe_load(open("callbacks/TokenAdvantageLogger.yaml"))
+    fragment = yaml.safe_load(open(REPO_ROOT / "callbacks/TokenAdvantageLogger.yaml"))
     (entry,) = fragment["trainer"]["callbacks+"]
     assert entry["class_path"] == "sdlit.callbacks.TokenAdvantageLogger"
     with pytest.raises(ValueError, match="every_n_steps must be at least 1"):

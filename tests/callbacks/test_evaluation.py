@@ -8,29 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_fit import write_config
 
-from sdlit.settings import EvalSettings, SamplingSettings
 from sdlit.cli import run_cli
 from sdlit.data import RolloutDataModule
-from sdlit.tasks.arith import Arith
+from sdlit.settings import EvalSettings, SamplingSettings
 
-
-class ParityArith(Arith):
-    """Arith problems graded by a rule the random tiny model meets about half the time, so the metrics are not 0.
-
-    A response is correct when its length is even; its extracted answer is its length mod 3, except that
-    lengths divisible by 5 are unparseable (None).
-    """
-
-    def extract_answer(self, text):
-        return None if len(text) % 5 == 0 else str(len(text) % 3)
-
-    def is_correct(self, response, gold):
-        return len(response) % 2 == 0
-
-
-PARITY_TASK = {"class_path": "test_evaluation.ParityArith", "init_args": {"train_size": 16, "eval_size": 6}}
+from conftest import write_config
+from feedback_examples import PARITY_TASK, ParityArith
 
 
 def evaluation(**init_args):
@@ -40,7 +24,8 @@ def evaluation(**init_args):
 def config_with(tmp_path, model_dir, callbacks, max_steps=2, task=PARITY_TASK, evaluation_settings=None, **extra):
     path = write_config(tmp_path, model_dir, callbacks=["ReferenceSolution", *callbacks], extra_trainer={
         "max_steps": max_steps, "limit_val_batches": None, "log_every_n_steps": 1,
-        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}},
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                   "init_args": {"save_dir": str(tmp_path / "logs")}},
         **extra,
     })
     config = yaml.safe_load(Path(path).read_text())

@@ -4,8 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlit.kernels import KINDS, fused_linear_divergence, fused_linear_divergence_with_logprobs, per_token_divergence
-from sdlit.kernels import torch_divergence
+from sdlit.kernels import (
+    KINDS,
+    fused_linear_divergence,
+    fused_linear_divergence_with_logprobs,
+    per_token_divergence,
+    torch_divergence,
+)
 
 
 def naive_divergence(student_logits, teacher_logits, mask=None, kind="forward_kl", beta=0.5, temperature=1.0):

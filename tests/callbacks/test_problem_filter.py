@@ -8,12 +8,13 @@ from collections import Counter
 
 import pytest
 import yaml
-from test_fit import write_config
 
 from sdlit.callbacks import ProblemBandFilter
 from sdlit.cli import run_cli
 from sdlit.tasks.base import DataError
 from sdlit.tasks.gsm8k import GSM8K
+
+from conftest import write_config
 
 
 def candidate(i: int, correct: int, n: int = 8) -> dict:

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sdlit.settings import SamplingSettings
 from sdlit.module import SelfDistillationModule
 from sdlit.rollout import Rollout
 from sdlit.sampling import sample_rollouts
 from sdlit.scoring import output_head_weight
+from sdlit.settings import SamplingSettings
 from sdlit.tasks.arith import Arith
 
 
@@ -29,7 +29,8 @@ def make_module(tiny_model_dir, objective, fused, **kwargs) -> SelfDistillationM
 def rollouts_for(module) -> list[Rollout]:
     problems = Arith(train_size=3).train_problems()
     torch.manual_seed(1)
-    rollouts = sample_rollouts(module.model, module.tokenizer, problems, n=2, settings=SamplingSettings(max_new_tokens=12, temperature=1.0))
+    rollouts = sample_rollouts(module.model, module.tokenizer, problems, n=2,
+                               settings=SamplingSettings(max_new_tokens=12, temperature=1.0))
     for i, rollout in enumerate(rollouts):
         rollout.reward = float(i % 3 == 0)
         rollout.context = None if i == 1 else f"A worked solution: {rollout.problem.answer}"
@@ -59,7 +60,8 @@ def test_fused_and_logits_paths_agree(tiny_model_dir, objective):
     expected, expected_grads, expected_lp = loss_and_grads(logits_module, rollouts)
     got, got_grads, got_lp = loss_and_grads(fused_module, rollouts)
 
-    assert torch.isfinite(expected)  # on-policy GRPO's loss can be 0 (ratio 1, advantages summing to 0): not its gradient
+    # on-policy GRPO's loss can be 0 (ratio 1, advantages summing to 0): not its gradient
+    assert torch.isfinite(expected)
     assert any(g.abs().max() > 1e-4 for g in expected_grads.values())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert got_grads.keys() == expected_grads.keys() and len(got_grads) > 0

@@ -19,7 +19,7 @@ def contiguous_splits(order):
     """Every split of ``order`` into contiguous runs (the brute-force reference)."""
     for cuts in itertools.product([False, True], repeat=len(order) - 1):
         groups, current = [], [order[0]]
-        for row, cut in zip(order[1:], cuts):
+        for row, cut in zip(order[1:], cuts, strict=False):
             if cut:
                 groups.append(current)
                 current = []
@@ -62,5 +62,5 @@ def test_grouped_logits_and_gradients_match_one_padded_pass(tiny_model_dir):
     (plain, plain_grads), (grouped, grouped_grads) = results
     assert plain.shape == grouped.shape
     torch.testing.assert_close(grouped, plain, rtol=1e-4, atol=1e-5)
-    for a, b in zip(grouped_grads, plain_grads):
+    for a, b in zip(grouped_grads, plain_grads, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tokenizer
 
-from sdlit.settings import SamplingSettings
-from sdlit.sampling.static_cache import sample_with_static_cache, supports_static_cache
-from sdlit.sampling.llama_step import supports_llama_step
 from sdlit.sampling import cut_at_eos, sample_responses
+from sdlit.sampling.llama_step import supports_llama_step
+from sdlit.sampling.static_cache import sample_with_static_cache, supports_static_cache
 from sdlit.scoring import group_by_length
+from sdlit.settings import SamplingSettings
+
+from conftest import build_tokenizer
 
 SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 4096, "bos_token_id": 0, "eos_token_id": 2,
@@ -84,5 +85,6 @@ def test_rows_dropped_mid_decode_keep_their_cache_positions(model):
 def test_sample_responses_with_the_static_cache_sampler_matches_generate(model):
     tokenizer = build_tokenizer()
     expected = one_by_one(model, UNEVEN, {2})
-    got = sample_responses(model, tokenizer, UNEVEN, n=2, sampler="static_cache", settings=SamplingSettings(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS))
+    got = sample_responses(model, tokenizer, UNEVEN, n=2, sampler="static_cache",
+                           settings=SamplingSettings(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS))
     assert got == [r for r in expected for _ in range(2)]

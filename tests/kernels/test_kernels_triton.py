@@ -16,10 +16,17 @@ import sys
 import pytest
 import torch
 
+from conftest import REPO_ROOT
+
 pytest.importorskip("triton")
 
-from sdlit.kernels import KINDS, dispatch, fused_linear_divergence, per_token_divergence  # noqa: E402
-from sdlit.kernels import fused_linear_divergence_with_logprobs  # noqa: E402
+from sdlit.kernels import (  # noqa: E402
+    KINDS,
+    dispatch,
+    fused_linear_divergence,
+    fused_linear_divergence_with_logprobs,  # noqa: E402
+    per_token_divergence,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on the -inf arithmetic
 
@@ -248,7 +255,7 @@ def test_fused_linear_with_logprobs_matches_fallback(temperature):
     triton_out = fused_linear_divergence_with_logprobs(hs, ht, w, ids, mask, backend="triton", **kw)
     torch_out = fused_linear_divergence_with_logprobs(hs, ht, w, ids, mask, backend="torch", **kw)
     naive = torch.log_softmax(hs @ w.T, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
-    for got, expected in zip(triton_out, torch_out):
+    for got, expected in zip(triton_out, torch_out, strict=False):
         _assert_close(got, expected)
     _assert_close(triton_out[1][mask], naive[mask])
     assert (triton_out[2][~mask] == 0).all()
@@ -309,7 +316,7 @@ def test_kernels_compile_for_h100():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], capture_output=True, text=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+                            cwd=REPO_ROOT, timeout=300)
     if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("this Triton install has no ptxas to compile for CUDA")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import build_tokenizer
 
 from sdlit.analysis import (
     RegionStats,
@@ -25,6 +24,8 @@ from sdlit.module import SelfDistillationModule
 from sdlit.rollout import Rollout, tag_step_spans
 from sdlit.steps import split_steps, token_char_ends
 from sdlit.tasks.base import Problem
+
+from conftest import build_tokenizer
 
 QUESTION = "Tom has 3 apples and buys 4 more. He then eats 2. How many apples does he have?"
 SOLUTION = "3 + 4 = <<3+4=7>>7\n7 - 2 = <<7-2=5>>5\n#### 5"
@@ -71,11 +72,11 @@ def test_step_token_spans_cover_each_steps_text(make_tokenizer, response):
     assert len(spans) == len(steps)
     pieces = token_texts(tokenizer, ids, response)
     assert "".join(pieces[:-1]) == response and pieces[-1] == "<|im_end|>"
-    for (start, end), step in zip(spans, steps):
+    for (start, end), step in zip(spans, steps, strict=False):
         text = "".join(pieces[start:end])
         assert response[step.start : step.end] in text  # every character of the step is in its tokens
         assert len(text) <= len(response[step.start : step.end]) + 8  # and little else
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # in order, not overlapping
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # in order, not overlapping
 
 
 def reference_regions(advantages, spans, first_error):

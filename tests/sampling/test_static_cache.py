@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sdlit.settings import SamplingSettings
-from sdlit.sampling.static_cache import sample_with_static_cache, supports_static_cache
 from sdlit.sampling import cut_at_eos, sample_responses
+from sdlit.sampling.static_cache import sample_with_static_cache, supports_static_cache
+from sdlit.settings import SamplingSettings
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [40, 41, 42, 43, 44]]
 
@@ -74,9 +74,11 @@ def test_sample_responses_uses_either_sampler_with_the_same_layout(model, tiny_m
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for sampler in ("static_cache", "generate"):
         torch.manual_seed(0)
-        out = sample_responses(model, tokenizer, PROMPTS[:2], n=3, sampler=sampler, settings=SamplingSettings(max_new_tokens=5))
+        out = sample_responses(model, tokenizer, PROMPTS[:2], n=3, sampler=sampler,
+                               settings=SamplingSettings(max_new_tokens=5))
         assert len(out) == 6 and all(1 <= len(r) <= 5 for r in out)
-    greedy = [sample_responses(model, tokenizer, PROMPTS, n=2, sampler=s, settings=SamplingSettings(temperature=0.0, max_new_tokens=6))
+    greedy = [sample_responses(model, tokenizer, PROMPTS, n=2, sampler=s,
+                               settings=SamplingSettings(temperature=0.0, max_new_tokens=6))
               for s in ("static_cache", "generate")]
     assert greedy[0] == greedy[1]
     with pytest.raises(ValueError, match="sampler"):
@@ -105,7 +107,7 @@ def test_prompts_of_very_different_lengths_are_prefilled_in_length_groups(model)
         padded = _forward(model, arguments, caches[1], ids, mask, positions, torch.arange(ids.shape[1]))
     torch.testing.assert_close(grouped, padded, atol=1e-5, rtol=1e-4)
     real, width = mask.bool()[:, None, :, None], ids.shape[1]
-    for ours, reference in zip(caches[0].layers, caches[1].layers):
+    for ours, reference in zip(caches[0].layers, caches[1].layers, strict=False):
         if hasattr(ours, "cumulative_length"):  # transformers 5.x: the layer counts the columns written
             assert int(ours.get_seq_length()) == int(reference.get_seq_length()) == width
         for a, b in ((ours.keys, reference.keys), (ours.values, reference.values)):
@@ -153,7 +155,7 @@ def test_greedy_tokens_are_the_argmax_of_a_full_forward_pass_on_the_packaged_mod
     assert len({len(p) for p in prompts}) == 3
     responses = sample_with_static_cache(model, prompts, {tokenizer.eos_token_id}, tokenizer.pad_token_id,
                                          temperature=0.0, max_new_tokens=24)
-    for prompt, response in zip(prompts, responses):
+    for prompt, response in zip(prompts, responses, strict=False):
         assert len(response) > 0
         with torch.no_grad():
             logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]

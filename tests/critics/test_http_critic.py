@@ -17,13 +17,13 @@ import yaml
 
 from sdlit.callbacks import StepCritique, clean_solution
 from sdlit.critics import CriticHTTPError, CriticReplyError, CritiqueParseError, HFCritic, HTTPCritic
-from sdlit.rollout import Rollout
-from sdlit.tasks.base import Problem
+
+from conftest import CRITIC_QUESTION as QUESTION
+from conftest import CRITIC_RESPONSE as RESPONSE
+from conftest import CRITIC_SOLUTION as SOLUTION
+from conftest import REPO_ROOT, critic_rollouts
 
 KEY = "sk-test-SECRET-4d2b9f0e77"
-QUESTION = "Tom has 3 apples and buys 4 more. He doubles them. How many apples?"
-SOLUTION = "3 + 4 = <<3+4=7>>7\n7 * 2 = <<7*2=14>>14\n#### 14"
-RESPONSE = "Step 1: 3 + 4 = 7\nStep 2: 7 * 2 = 15\nAnswer: 15"
 GOOD_REPLY = ("<think>7 times 2 is 14, so step 2 is off.</think>\nVerdicts:\nStep 1: correct\n"
               "Step 2: wrong - 7 * 2 is 14, not 15\nAnswer: wrong\nCase: D\nCorrected solution:\n"
               "Step 1: 3 + 4 = 7\nStep 2: 7 * 2 = 14\nAnswer: 14")
@@ -118,11 +118,6 @@ def critic(server, **kwargs) -> HTTPCritic:
     return HTTPCritic(server.base_url, **{**settings, **kwargs})
 
 
-def rollouts(n: int, response: str = RESPONSE) -> list[Rollout]:
-    problem = Problem(id="p0", question=QUESTION, solution=SOLUTION, answer="14")
-    return [Rollout(problem=problem, prompt_ids=[1], response_ids=[2], response=response) for _ in range(n)]
-
-
 def test_good_critique_is_parsed_into_the_first_error(serve):
     server = serve(lambda n, body, headers: (200, completion(GOOD_REPLY), 0.0))
     result = critic(server, temperature=0.0, max_tokens=321).critique(QUESTION, SOLUTION, RESPONSE)
@@ -169,7 +164,7 @@ def test_429_is_retried_but_400_is_not(serve):
 def test_persistent_500_falls_back_and_is_counted(serve, caplog):
     server = serve(lambda n, body, headers: (500, b"internal error", 0.0))
     feedback = StepCritique(critic=critic(server, max_retries=2), fallback="reference")
-    batch = rollouts(2)
+    batch = critic_rollouts(2)
     with caplog.at_level(logging.WARNING):
         feedback.annotate(batch)
     assert len(server.requests) == 2 * 3
@@ -178,15 +173,17 @@ def test_persistent_500_falls_back_and_is_counted(serve, caplog):
     assert "critic failed on 2 of 2 rollouts" in caplog.text and "HTTP 500" in caplog.text
 
 
-@pytest.mark.parametrize("payload", [b"{not json", b'{"choices": []}', json.dumps({"choices": [{"message": {}}]}).encode()])
+@pytest.mark.parametrize("payload", [b"{not json", b'{"choices": []}',
+                                     json.dumps({"choices": [{"message": {}}]}).encode()])
 def test_malformed_body_is_a_reply_error_and_falls_back(serve, payload):
     server = serve(lambda n, body, headers: (200, payload, 0.0))
     (outcome,) = critic(server).critique_outcomes([(QUESTION, SOLUTION, RESPONSE)])
     assert isinstance(outcome, CriticReplyError) and len(server.requests) == 1
     feedback = StepCritique(critic=critic(server), fallback="none")
-    batch = rollouts(1)
+    batch = critic_rollouts(1)
     feedback.annotate(batch)
-    assert feedback.fallbacks == 1 and batch[0].context is None and batch[0].feedback["critic_error"] == "CriticReplyError"
+    assert (feedback.fallbacks == 1 and batch[0].context is None
+            and batch[0].feedback["critic_error"] == "CriticReplyError")
 
 
 def test_unparseable_reply_falls_back_while_the_rest_of_the_batch_keeps_its_critique(serve):
@@ -194,7 +191,7 @@ def test_unparseable_reply_falls_back_while_the_rest_of_the_batch_keeps_its_crit
         user = body["messages"][-1]["content"]
         return 200, completion(GOOD_REPLY if "7 * 2 = 15" in user else "Looks fine to me!"), 0.0
     server = serve(script)
-    batch = rollouts(1) + rollouts(1, "Step 1: 3 + 4 = 7\nAnswer: 7")
+    batch = critic_rollouts(1) + critic_rollouts(1, "Step 1: 3 + 4 = 7\nAnswer: 7")
     feedback = StepCritique(critic=critic(server))
     feedback.annotate(batch)
     assert batch[0].feedback == {"case": "wrong", "first_error": 1}
@@ -228,9 +225,11 @@ def test_rerun_reads_the_cache_and_sends_nothing(serve, tmp_path):
 
 def test_failures_are_not_cached(serve, tmp_path):
     server = serve(lambda n, body, headers: (500, b"down", 0.0) if n == 0 else (200, completion(GOOD_REPLY), 0.0))
-    (outcome,) = critic(server, max_retries=0, cache_dir=str(tmp_path)).critique_outcomes([(QUESTION, SOLUTION, RESPONSE)])
+    (outcome,) = critic(server, max_retries=0, cache_dir=str(tmp_path)).critique_outcomes(
+        [(QUESTION, SOLUTION, RESPONSE)])
     assert isinstance(outcome, CriticHTTPError)
-    assert critic(server, max_retries=0, cache_dir=str(tmp_path)).critique(QUESTION, SOLUTION, RESPONSE).first_error == 1
+    assert critic(server, max_retries=0, cache_dir=str(tmp_path)).critique(
+        QUESTION, SOLUTION, RESPONSE).first_error == 1
 
 
 def test_key_is_redacted_from_errors_and_absent_from_the_object(serve):
@@ -255,14 +254,14 @@ def test_replies_generated_by_a_tiny_hf_model_over_http(serve, tiny_model_dir):
     # a random model writes no critique: each rollout falls back, counted
     assert all(isinstance(o, CritiqueParseError) for o in remote.critique_outcomes(items))
     feedback = StepCritique(critic=remote)
-    feedback.annotate(rollouts(2))
+    feedback.annotate(critic_rollouts(2))
     assert feedback.failures == 2 and feedback.failure_kinds["CritiqueParseError"] == 2
 
 
 def test_fit_goes_on_with_a_failing_critic_and_never_writes_the_key(serve, tmp_path, tiny_model_dir, caplog):
-    from test_fit import write_config
-
     from sdlit.cli import run_cli
+
+    from conftest import write_config
 
     server = serve(lambda n, body, headers: (503, f"down; you sent {headers.get('Authorization')}".encode(), 0.0))
     step_critique = {"class_path": "sdlit.callbacks.StepCritique", "init_args": {"fallback": "reference", "critic": {
@@ -282,7 +281,8 @@ def test_fit_goes_on_with_a_failing_critic_and_never_writes_the_key(serve, tmp_p
     metrics = (tmp_path / "logs").rglob("metrics.csv")
     rows = [line for path in metrics for line in path.read_text().splitlines()]
     header = rows[0].split(",")
-    last = [dict(zip(header, r.split(","))) for r in rows[1:] if r.split(",")[header.index("critic/failures")]][-1]
+    last = [dict(zip(header, r.split(","), strict=False)) for r in rows[1:]
+            if r.split(",")[header.index("critic/failures")]][-1]
     assert float(last["critic/failures"]) == 4 and float(last["critic/fallbacks"]) == 4
     assert "503" in caplog.text and KEY not in caplog.text
     written = [p for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts]
@@ -295,11 +295,10 @@ def test_fit_goes_on_with_a_failing_critic_and_never_writes_the_key(serve, tmp_p
 
 
 def test_paper_configs_state_the_papers_setup(capsys):
-    from pathlib import Path
 
-    from test_cli import print_config
+    from conftest import print_config
 
-    root = Path(__file__).resolve().parents[1] / "configs/paper"
+    root = REPO_ROOT / "configs/paper"
     per_step = {}
     for name in ("grpo", "reference", "critique"):
         cfg = print_config(["--config", str(root / f"{name}.yaml")], capsys)

@@ -49,7 +49,8 @@ def test_extract_and_check_latex_answers():
 
 
 def test_reads_math_rows_with_boxed_gold(tmp_path):
-    task = Math(train_path=write_jsonl(tmp_path / "train.jsonl", MATH_ROWS), eval_path=write_jsonl(tmp_path / "test.jsonl", MATH_ROWS[:1]))
+    task = Math(train_path=write_jsonl(tmp_path / "train.jsonl", MATH_ROWS),
+                eval_path=write_jsonl(tmp_path / "test.jsonl", MATH_ROWS[:1]))
     problems = task.train_problems()
     assert [p.answer for p in problems] == ["0.75", "(x+1)^2", "90"]
     assert problems[0].id == "math/train/0" and task.eval_problems()[0].question.startswith("What is")

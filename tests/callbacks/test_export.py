@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from test_fit import write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdlit.callbacks.export import export_hf
 from sdlit.cli import run_cli
 from sdlit.models import LoraSettings, add_lora
+
+from conftest import write_config
 
 
 def export_callback(dirpath, **init_args):
@@ -24,7 +25,8 @@ def trained(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("export")
     checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
         "dirpath": str(tmp / "ckpt"), "monitor": "val/avg@2", "mode": "max", "save_last": True, "save_top_k": 1}}
-    evaluation = {"class_path": "sdlit.callbacks.AvgAtKEvaluation", "init_args": {"every_n_steps": 1, "console_problems": 0}}
+    evaluation = {"class_path": "sdlit.callbacks.AvgAtKEvaluation", "init_args": {
+        "every_n_steps": 1, "console_problems": 0}}
     config = write_config(tmp, tiny_model_dir, callbacks=[
         "ReferenceSolution", evaluation, checkpoint,
         export_callback(tmp / "merged"), export_callback(tmp / "adapter", merge_lora=False),

@@ -6,11 +6,12 @@ import time
 
 import pytest
 import rich
-from test_fit import write_config
 
 from sdlit.callbacks.progress import PhaseProgressBar, phase_items
 from sdlit.cli import run_cli
 from sdlit.timing import PHASES, PhaseTimer
+
+from conftest import write_config
 
 
 def test_phase_items_by_hand():

@@ -83,7 +83,9 @@ def test_missing_step_is_inserted(critic):
 
 
 def test_missing_step_arith(critic):
-    given = lambda p: set(re.findall(r"\d+", p.question))
+    def given(p):
+        return set(re.findall(r"\d+", p.question))
+
     problems = [p for p in _arith_problems(2, 30)
                 if _reference_steps(p.solution)[0].split("=")[-1].split()[0] not in given(p)]
     for problem in problems[:5]:
