@@ -220,3 +220,23 @@ def critic_rollouts(n: int, response: str = CRITIC_RESPONSE) -> list:
 
     problem = Problem(id="p0", question=CRITIC_QUESTION, solution=CRITIC_SOLUTION, answer="14")
     return [Rollout(problem=problem, prompt_ids=[1], response_ids=[2], response=response) for _ in range(n)]
+
+
+# ---- kernels ----------------------------------------------------------------------------------------------
+def fused_grads(fn, hs, ht, w, upstream, **kw):
+    """``fn(hs, ht, w, **kw)``'s value and the gradients of ``hs`` and ``w`` under ``upstream``; the teacher ``ht``
+    must get none."""
+    hs = hs.detach().clone().requires_grad_(True)
+    ht = ht.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    loss = fn(hs, ht, w, **kw)
+    (loss * upstream).sum().backward()
+    assert ht.grad is None
+    return loss.detach(), hs.grad, w.grad
+
+
+def logits_then_divergence(hs, ht, w, mask=None, **kw):
+    """The unfused reference: full logits ``h @ w.T``, then :func:`sdlit.kernels.per_token_divergence`."""
+    from sdlit.kernels import per_token_divergence
+
+    return per_token_divergence(hs @ w.T, ht @ w.T, mask, **kw)

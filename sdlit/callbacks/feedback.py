@@ -1,12 +1,7 @@
-"""Feedback callbacks: they annotate each rollout with a reward and/or the self-teacher's context.
+"""The shipped feedback kinds: they annotate each rollout with a reward and/or the self-teacher's context.
 
-A feedback kind is one subclass of :class:`Feedback` listed in ``trainer.callbacks``; the datamodule runs
-every such callback on each fresh batch of rollouts, in order, before the training step. For example::
-
-    class AnswerHint(Feedback):
-        header = "Hint:"
-        def annotate_one(self, rollout):
-            rollout.context = f"The final answer is {rollout.problem.answer}."
+``BinaryReward`` (GRPO's signal), ``ReferenceSolution`` and ``StepCritique`` (a frozen critic's step-aligned
+critique). Each is a :class:`sdlit.feedback.Feedback`; a new kind is one more subclass of it.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ from sdlit.kernels import (
     torch_divergence,
 )
 
+from conftest import fused_grads, logits_then_divergence
+
 
 def naive_divergence(student_logits, teacher_logits, mask=None, kind="forward_kl", beta=0.5, temperature=1.0):
     """Reference: full-size fp32 math, autograd for the gradient, TRL endpoints for jsd."""
@@ -188,28 +190,14 @@ def _fused_case(dtype=torch.float32, seed=20):
     return hs, ht, w, mask
 
 
-def _fused_grads(fn, hs, ht, w, upstream, **kw):
-    hs = hs.detach().clone().requires_grad_(True)
-    ht = ht.detach().clone().requires_grad_(True)
-    w = w.detach().clone().requires_grad_(True)
-    loss = fn(hs, ht, w, **kw)
-    (loss * upstream).sum().backward()
-    assert ht.grad is None
-    return loss.detach(), hs.grad, w.grad
-
-
-def _logits_then_divergence(hs, ht, w, mask=None, **kw):
-    return per_token_divergence(hs @ w.T, ht @ w.T, mask, **kw)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("upstream_kind", ["uniform", "random"])
 def test_fused_linear_matches_logits_path(kind, upstream_kind):
     hs, ht, w, mask = _fused_case()
     up = torch.full((18,), 1 / 7) if upstream_kind == "uniform" else torch.rand(18) - 0.3
     kw = dict(mask=mask, kind=kind, beta=0.3, temperature=1.5)
-    v1, gh1, gw1 = _fused_grads(fused_linear_divergence, hs, ht, w, up, chunk_size=4, **kw)
-    v2, gh2, gw2 = _fused_grads(_logits_then_divergence, hs, ht, w, up, **kw)
+    v1, gh1, gw1 = fused_grads(fused_linear_divergence, hs, ht, w, up, chunk_size=4, **kw)
+    v2, gh2, gw2 = fused_grads(logits_then_divergence, hs, ht, w, up, **kw)
     _assert_close(v1, v2)
     _assert_close(gh1, gh2)
     _assert_close(gw1, gw2)
@@ -234,8 +222,8 @@ def test_fused_linear_with_logprobs(kind, temperature):
         loss, got["student"], got["teacher"] = fused_linear_divergence_with_logprobs(h, t, weight, ids, **kw)
         return loss
 
-    v1, gh1, gw1 = _fused_grads(with_logprobs, hs, ht, w, up, **kw)
-    v2, gh2, gw2 = _fused_grads(fused_linear_divergence, hs, ht, w, up, **kw)
+    v1, gh1, gw1 = fused_grads(with_logprobs, hs, ht, w, up, **kw)
+    v2, gh2, gw2 = fused_grads(fused_linear_divergence, hs, ht, w, up, **kw)
     _assert_close(v1, v2)  # the loss and its gradients are those of fused_linear_divergence
     _assert_close(gh1, gh2)
     _assert_close(gw1, gw2)
@@ -254,8 +242,8 @@ def test_fused_linear_with_logprobs_checks_token_shape():
 def test_fused_linear_bf16_and_default_chunk():
     hs, ht, w, mask = _fused_case(torch.bfloat16)
     up = torch.ones(18) / 18
-    v1, gh1, gw1 = _fused_grads(fused_linear_divergence, hs, ht, w, up, mask=mask, kind="jsd")
-    v2, gh2, gw2 = _fused_grads(_logits_then_divergence, hs, ht, w, up, mask=mask, kind="jsd")
+    v1, gh1, gw1 = fused_grads(fused_linear_divergence, hs, ht, w, up, mask=mask, kind="jsd")
+    v2, gh2, gw2 = fused_grads(logits_then_divergence, hs, ht, w, up, mask=mask, kind="jsd")
     assert gh1.dtype == torch.bfloat16 and gw1.dtype == torch.bfloat16
     _assert_close(v1, v2, rtol=5e-2, atol=1e-3)
     _assert_close(gh1, gh2, rtol=5e-2, atol=1e-3)
@@ -269,7 +257,7 @@ def test_fused_linear_frozen_weight_and_no_grad():
     assert hs.grad is not None and w.grad is None
     with torch.no_grad():
         v = fused_linear_divergence(hs, ht, w)
-    _assert_close(v, _logits_then_divergence(hs.detach(), ht, w))
+    _assert_close(v, logits_then_divergence(hs.detach(), ht, w))
 
 
 def test_second_backward_with_retain_graph():

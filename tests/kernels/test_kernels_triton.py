@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fused_grads, logits_then_divergence
 
 pytest.importorskip("triton")
 
@@ -218,20 +218,6 @@ def _fused_case(dtype=torch.float32, seed=20):
     return hs, ht, w, mask
 
 
-def _fused_grads(fn, hs, ht, w, upstream, **kw):
-    hs = hs.detach().clone().requires_grad_(True)
-    ht = ht.detach().clone().requires_grad_(True)
-    w = w.detach().clone().requires_grad_(True)
-    loss = fn(hs, ht, w, **kw)
-    (loss * upstream).sum().backward()
-    assert ht.grad is None
-    return loss.detach(), hs.grad, w.grad
-
-
-def _logits_then_divergence(hs, ht, w, mask=None, **kw):
-    return per_token_divergence(hs @ w.T, ht @ w.T, mask, **kw)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("upstream_kind", ["uniform", "random"])
 def test_fused_linear_matches_logits_path(kind, upstream_kind):
@@ -239,8 +225,8 @@ def test_fused_linear_matches_logits_path(kind, upstream_kind):
     up = torch.full((6,), 1 / 4) if upstream_kind == "uniform" else torch.rand(6) - 0.3
     kw = dict(mask=mask, kind=kind, beta=0.3, temperature=1.5)
     for backend in ("triton", "torch"):
-        v1, gh1, gw1 = _fused_grads(fused_linear_divergence, hs, ht, w, up, chunk_size=3, backend=backend, **kw)
-        v2, gh2, gw2 = _fused_grads(_logits_then_divergence, hs, ht, w, up, backend=backend, **kw)
+        v1, gh1, gw1 = fused_grads(fused_linear_divergence, hs, ht, w, up, chunk_size=3, backend=backend, **kw)
+        v2, gh2, gw2 = fused_grads(logits_then_divergence, hs, ht, w, up, backend=backend, **kw)
         _assert_close(v1, v2)
         _assert_close(gh1, gh2)
         _assert_close(gw1, gw2)
@@ -264,8 +250,8 @@ def test_fused_linear_with_logprobs_matches_fallback(temperature):
 def test_fused_linear_bf16():
     hs, ht, w, mask = _fused_case(torch.bfloat16)
     up = torch.ones(6) / 4
-    v1, gh1, gw1 = _fused_grads(fused_linear_divergence, hs, ht, w, up, mask=mask, kind="jsd", backend="triton")
-    v2, gh2, gw2 = _fused_grads(_logits_then_divergence, hs.float(), ht.float(), w.float(), up, mask=mask,
+    v1, gh1, gw1 = fused_grads(fused_linear_divergence, hs, ht, w, up, mask=mask, kind="jsd", backend="triton")
+    v2, gh2, gw2 = fused_grads(logits_then_divergence, hs.float(), ht.float(), w.float(), up, mask=mask,
                                 kind="jsd", backend="torch")
     assert gh1.dtype == torch.bfloat16 and gw1.dtype == torch.bfloat16
     _assert_close(v1, v2, rtol=5e-2, atol=1e-3)
