@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/quickstart.yaml
 QUICKSTART_DIR ?= runs/quickstart
 
-.PHONY: setup quickstart test test-slow lint bench-step replicate clean
+.PHONY: setup quickstart test test-slow lint bench-step gpu-wheels replicate clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-step: setup
 		--json results/step_reference_ablations.json | tee results/step_reference_ablations.md
 	$(PY) bench/step.py --conditions grpo --steps 2 --ablations huge_pages llama_decoding \
 		--json results/step_grpo.json | tee results/step_grpo.md
+
+# Wheels the offline GPU machine lacks, into .gpu-wheels/ (carried beside the working tree; docs/gpu.md)
+gpu-wheels: setup
+	bash bench/gpu_wheels.sh
 
 # The paper's three-way comparison on this machine (bench/replicate.py; resumes where it stopped)
 replicate: setup

@@ -18,7 +18,10 @@ Per condition (``reference``: self-distillation, the teacher sees the reference 
 
 Every figure is printed as measured, with the ratio sdlit / peer; step times are the mean over the steps after the
 first (the first includes one-time warm-up) when there are more than one. CPU: fp32. On a GPU
-(``--accelerator gpu``) sdlit uses bf16-mixed and the sizes given (e.g. ``--prompts 32``).
+(``--accelerator gpu``) sdlit uses bf16-mixed and the sizes given (e.g. ``--prompts 32``), and every worker also
+reports its peak GPU memory (``torch.cuda.max_memory_allocated``). ``--model DIR`` runs both sides on another model
+(e.g. the random-weight Qwen3-1.7B of ``bench/gpu_model.py``; default: the packaged SmolLM2), ``--lora-r`` /
+``--lora-alpha`` set the adapter of both sides.
 
     python bench/step.py                                  # both conditions, 3 steps each, TRL beside
     python bench/step.py --conditions reference --steps 2 --peer none
@@ -40,6 +43,8 @@ from lightning.pytorch.callbacks import Callback
 import sdlit  # noqa: F401  (before torch: sdlit puts large CPU tensors on huge pages, see sdlit/__init__.py)
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "smollm2-135m-instruct"  # sdlit.models.SMOLLM2_ALIAS: the packaged SmolLM2-135M-Instruct
+GENERATION_SAMPLERS = ("generate", "static_cache", "static_cache_model_forward", "static_cache_plain_linears")
 ROLLOUTS = {"reference": 1, "grpo": 8}
 ABLATIONS = {  # speed-up -> (worker flags that turn it off, label)
     "length_groups": (["--length-groups", "off"], "one padded pass (no length groups)"),
@@ -64,7 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--peer", choices=["trl", "none"], default="trl")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model of both sides: packaged alias or a local model directory with its tokenizer")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank of both sides")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha of both sides")
     p.add_argument("--generation-repeats", type=int, default=2, help="timed sampler/generate pairs (0: skip)")
+    p.add_argument("--generation-samplers", nargs="+", default=list(GENERATION_SAMPLERS), choices=GENERATION_SAMPLERS,
+                   help="what the generation timing runs: plain generate, sdlit's sampler, the sampler with decode "
+                        "steps through the model's forward, the sampler on the model's own (unmerged) linears")
     p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--ablations", nargs="*", default=["length_groups"], choices=list(ABLATIONS),
                    help="also run sdlit with one setting changed: length_groups off, sampler: plain generate, "
@@ -87,6 +99,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- workers (each in its own process) -----------------------------------------------------------------------
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mib(accelerator: str) -> float | None:
+    """Peak GPU memory this process allocated through torch, in MiB (None off the GPU)."""
+    import torch
+
+    if accelerator != "gpu" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def huge_pages_in_use() -> bool:
@@ -112,7 +133,8 @@ def sdlit_worker(args) -> dict:
     L.seed_everything(0, verbose=False)
     grpo = args.condition == "grpo"
     module = SelfDistillationModule(
-        lora=LoraSettings(r=16, alpha=32), teacher="base", objective="grpo" if grpo else "self_distillation",
+        model=args.model, lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha), teacher="base",
+        objective="grpo" if grpo else "self_distillation",
         divergence="forward_kl", learning_rate=args.lr, gradient_checkpointing=grpo,
         length_groups=args.length_groups == "on",
         fused_output_head={"auto": None, "on": True, "off": False}[args.fused_output_head],
@@ -134,6 +156,7 @@ def sdlit_worker(args) -> dict:
     )
     trainer.fit(module, datamodule=data)
     return {"side": "sdlit", "condition": args.condition, "steps": recorder.steps, "peak_rss_mib": peak_rss_mib(),
+            "peak_gpu_mib": peak_gpu_mib(args.accelerator), "model": args.model,
             "sampler": args.sampler, "length_groups": args.length_groups,
             "fused_output_head": args.fused_output_head, "huge_pages": huge_pages_in_use(),
             "llama_decoding": args.llama_decoding, "quantization": args.quantization}
@@ -174,32 +197,38 @@ def generation_worker(args) -> dict:
     from sdlit.settings import SamplingSettings
     from sdlit.tasks.gsm8k import GSM8K
 
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    tokenizer = load_tokenizer(args.model)
     dtype = "bfloat16" if args.accelerator == "gpu" else None
-    model = add_lora(load_model("smollm2-135m-instruct", dtype), LoraSettings(r=16, alpha=32)).eval()
+    model = add_lora(load_model(args.model, dtype), LoraSettings(r=args.lora_r, alpha=args.lora_alpha)).eval()
     if args.accelerator == "gpu":
         model = model.cuda()
     problems = GSM8K(train_size=args.prompts).train_problems()
     prompts = [student_prompt_ids(tokenizer, p.question) for p in problems]
     n = ROLLOUTS[args.condition]
-    settings = SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    runs = {"generate": [], "static_cache": [], "static_cache_model_forward": [], "static_cache_plain_linears": []}
+    runs = {sampler: [] for sampler in args.generation_samplers}
+
+    def generate(sampler: str, max_new_tokens: int) -> list[list[int]]:
+        if sampler == "static_cache_plain_linears":  # the sampler with the model's own (LoRA, unpacked) linears
+            return sample_with_static_cache(model, prompts, eos_ids(model, tokenizer), tokenizer.pad_token_id,
+                                            n=n, temperature=args.temperature, max_new_tokens=max_new_tokens,
+                                            fast_linears=False)
+        settings = SamplingSettings(temperature=args.temperature, max_new_tokens=max_new_tokens)
+        return sample_responses(model, tokenizer, prompts, n=n, settings=settings,
+                                llama_step=sampler == "static_cache", sampler=sampler.removesuffix("_model_forward"))
+
+    if args.accelerator == "gpu":  # CUDA context, kernels and allocator warm-up, not timed
+        for sampler in runs:
+            generate(sampler, 4)
     for repeat in range(args.generation_repeats):
         for sampler in runs:
             torch.manual_seed(repeat)
             start = time.perf_counter()
-            if sampler == "static_cache_plain_linears":  # the sampler with the model's own (LoRA, unpacked) linears
-                out = sample_with_static_cache(model, prompts, eos_ids(model, tokenizer), tokenizer.pad_token_id,
-                                               n=n, temperature=args.temperature,
-                                               max_new_tokens=args.max_new_tokens, fast_linears=False)
-            else:
-                out = sample_responses(model, tokenizer, prompts, n=n, settings=settings,
-                                       llama_step=sampler == "static_cache",
-                                       sampler=sampler.removesuffix("_model_forward"))
+            out = generate(sampler, args.max_new_tokens)
             if args.accelerator == "gpu":
                 torch.cuda.synchronize()
             runs[sampler].append({"seconds": time.perf_counter() - start, "tokens": sum(len(r) for r in out)})
-    return {"side": "generation", "condition": args.condition, "rows": len(prompts) * n, "runs": runs}
+    return {"side": "generation", "condition": args.condition, "rows": len(prompts) * n, "runs": runs,
+            "max_new_tokens": args.max_new_tokens, "peak_gpu_mib": peak_gpu_mib(args.accelerator)}
 
 
 # ---- the orchestrator ----------------------------------------------------------------------------------------
@@ -219,13 +248,15 @@ def worker_command(args, worker: str, condition: str, *extra: str) -> list[str]:
     return [sys.executable, __file__, "--worker", worker, "--condition", condition, "--steps", str(args.steps),
             "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens), "--temperature",
             str(args.temperature), "--lr", str(args.lr), "--accelerator", args.accelerator,
-            "--generation-repeats", str(args.generation_repeats)] + list(extra)
+            "--generation-repeats", str(args.generation_repeats), "--model", args.model, "--lora-r", str(args.lora_r),
+            "--lora-alpha", str(args.lora_alpha), "--generation-samplers", *args.generation_samplers] + list(extra)
 
 
 def peer_command(args, condition: str) -> list[str]:
     return [sys.executable, str(ROOT / "bench" / "trl_peer.py"), "--condition", condition, "--steps",
             str(args.steps), "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
-            "--temperature", str(args.temperature), "--lr", str(args.lr), "--accelerator", args.accelerator]
+            "--temperature", str(args.temperature), "--lr", str(args.lr), "--accelerator", args.accelerator,
+            "--model", args.model, "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)]
 
 
 def steady(values: list[float]) -> float:
@@ -278,7 +309,8 @@ def phase_table(result: dict) -> list[str]:
 
 def report(args, results: dict) -> None:
     print(f"\n## Machine: {machine(args.accelerator)}; {args.prompts} prompts x n rollouts, {args.max_new_tokens} "
-          f"new tokens, temperature {args.temperature}, LoRA r=16; step figures: mean of steps 2..{args.steps}"
+          f"new tokens, temperature {args.temperature}, LoRA r={args.lora_r}; step figures: mean of steps "
+          f"2..{args.steps}"
           if args.steps > 1 else "")
     for condition in args.conditions:
         ours, peer, gen = (results.get(f"{condition}/{k}") for k in ("sdlit", "peer", "generation"))
@@ -299,7 +331,7 @@ def report(args, results: dict) -> None:
                   f"**{ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x** |")
         if rounds_line(results, condition):
             print(f"\n{rounds_line(results, condition)}")
-        if gen:
+        if gen and {"generate", "static_cache"} <= set(gen["runs"]):  # (--generation-samplers may leave one out)
             rates = {k: sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v) for k, v in gen["runs"].items()}
             print(f"\nrollout generation, {gen['rows']} rows: plain generate {rates['generate']:.1f} tokens/s, "
                   f"sdlit sampler {rates['static_cache']:.1f} tokens/s: "

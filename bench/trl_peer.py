@@ -1,8 +1,8 @@
 """The TRL side of the training-step throughput benchmark: N optimizer steps of sdlit's work done by TRL.
 
-Runs in its own process, loads the packaged SmolLM2-135M-Instruct with a LoRA adapter, trains ``--steps``
-optimizer steps on the first ``--prompts * --steps`` vendored GSM8K training problems with one of TRL's
-trainers, and prints one line ``RESULT {json}`` on stdout at the end (logs may come before it):
+Runs in its own process, loads the packaged SmolLM2-135M-Instruct (or ``--model DIR``) with a LoRA adapter,
+trains ``--steps`` optimizer steps on the first ``--prompts * --steps`` vendored GSM8K training problems with one
+of TRL's trainers, and prints one line ``RESULT {json}`` on stdout at the end (logs may come before it):
 
     python bench/trl_peer.py --condition reference --steps 2 --prompts 8 --max-new-tokens 128
     python bench/trl_peer.py --condition grpo --steps 2 --prompts 8 --max-new-tokens 128
@@ -13,7 +13,9 @@ solution, via ``trl.experimental.sdft.SDFTTrainer`` (one rollout per prompt, ful
 
 Step times come from a TrainerCallback (on_step_begin .. on_step_end), so model loading and trainer
 construction are excluded; the first step may include warm-up. Generation time and generated tokens per step
-come from a wrapper around the model's ``generate``. Needs ``pip install -e '.[bench]'`` (trl==1.16.0).
+come from a wrapper around the model's ``generate``. On a GPU (``--accelerator gpu``: bf16 autocast) the result also
+has the process's peak GPU memory (``torch.cuda.max_memory_allocated``). Needs ``pip install -e '.[bench]'``
+(trl==1.16.0).
 """
 
 from __future__ import annotations
@@ -217,6 +219,7 @@ def main() -> None:
     """Parse the options, train, and print the RESULT line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--condition", choices=["reference", "grpo"], required=True)
+    p.add_argument("--model", default=MODEL, help="packaged alias or a local model directory with its tokenizer")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--prompts", type=int, default=8, help="distinct problems per optimizer step")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -233,7 +236,7 @@ def main() -> None:
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
     transformers.set_seed(opts.seed)
-    path = resolve_model_path(MODEL)
+    path = resolve_model_path(opts.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -258,7 +261,7 @@ def main() -> None:
     config = {k: getattr(a, k) for k in keys if hasattr(a, k)}
     config["optim"] = str(config.get("optim"))
     config.update(
-        model=MODEL, model_path=path, dtype="float32", attn_implementation="sdpa", lora_r=opts.lora_r,
+        model=opts.model, model_path=path, dtype="float32", attn_implementation="sdpa", lora_r=opts.lora_r,
         lora_alpha=opts.lora_alpha, lora_dropout=0.0, lora_targets=LORA_TARGETS, prompts_per_step=opts.prompts,
         torch_threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
         prompt_check=check,
@@ -271,6 +274,7 @@ def main() -> None:
         "generation_seconds": meter.generation_seconds,
         "completion_tokens": meter.completion_tokens,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if opts.accelerator == "gpu" else None,
         "config": config,
         "differences": DIFFERENCES["common"] + DIFFERENCES[opts.condition],
     }
