@@ -240,3 +240,23 @@ def logits_then_divergence(hs, ht, w, mask=None, **kw):
     from sdlit.kernels import per_token_divergence
 
     return per_token_divergence(hs @ w.T, ht @ w.T, mask, **kw)
+
+
+def random_logits(*shape, dtype=torch.float32, seed=0, scale=3.0):
+    """Seeded normal logits of ``shape``, times ``scale``, in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def value_and_grad(fn, student, teacher, upstream=None, **kw):
+    """``fn(student, teacher, **kw)`` and the student's gradient under ``upstream`` (default ones)."""
+    student = student.detach().clone().requires_grad_(True)
+    loss = fn(student, teacher, **kw)
+    up = torch.ones_like(loss) if upstream is None else upstream
+    (loss * up).sum().backward()
+    return loss.detach(), student.grad
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-6):
+    """``torch.testing.assert_close`` of the two in fp32."""
+    torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)

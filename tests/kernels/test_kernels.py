@@ -12,7 +12,7 @@ from sdlit.kernels import (
     torch_divergence,
 )
 
-from conftest import fused_grads, logits_then_divergence
+from conftest import assert_close, fused_grads, logits_then_divergence, random_logits, value_and_grad
 
 
 def naive_divergence(student_logits, teacher_logits, mask=None, kind="forward_kl", beta=0.5, temperature=1.0):
@@ -39,122 +39,105 @@ def naive_divergence(student_logits, teacher_logits, mask=None, kind="forward_kl
     return loss
 
 
-def _logits(*shape, dtype=torch.float32, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-
-def _value_and_grad(fn, student, teacher, upstream=None, **kw):
-    student = student.detach().clone().requires_grad_(True)
-    loss = fn(student, teacher, **kw)
-    up = torch.ones_like(loss) if upstream is None else upstream
-    (loss * up).sum().backward()
-    return loss.detach(), student.grad
-
-
-def _assert_close(a, b, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature,beta", [(1.0, 0.5), (0.7, 0.3), (2.0, 0.9)])
 def test_matches_naive_value_and_grad(kind, temperature, beta):
-    s, t = _logits(13, 97, seed=1), _logits(13, 97, seed=2)
+    s, t = random_logits(13, 97, seed=1), random_logits(13, 97, seed=2)
     up = torch.rand(13, generator=torch.Generator().manual_seed(3)) * 2 - 0.5
     kw = dict(kind=kind, beta=beta, temperature=temperature)
-    v1, g1 = _value_and_grad(per_token_divergence, s, t, up, **kw)
-    v2, g2 = _value_and_grad(naive_divergence, s, t, up, **kw)
+    v1, g1 = value_and_grad(per_token_divergence, s, t, up, **kw)
+    v2, g2 = value_and_grad(naive_divergence, s, t, up, **kw)
     assert v1.dtype == torch.float32 and v1.shape == (13,)
-    _assert_close(v1, v2)
-    _assert_close(g1, g2)
+    assert_close(v1, v2)
+    assert_close(g1, g2)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 def test_jsd_endpoints_follow_trl(beta):
-    s, t = _logits(5, 31, seed=4), _logits(5, 31, seed=5)
+    s, t = random_logits(5, 31, seed=4), random_logits(5, 31, seed=5)
     expected_kind = "forward_kl" if beta == 0.0 else "reverse_kl"
-    v1, g1 = _value_and_grad(per_token_divergence, s, t, kind="jsd", beta=beta)
-    v2, g2 = _value_and_grad(per_token_divergence, s, t, kind=expected_kind)
+    v1, g1 = value_and_grad(per_token_divergence, s, t, kind="jsd", beta=beta)
+    v2, g2 = value_and_grad(per_token_divergence, s, t, kind=expected_kind)
     assert torch.isfinite(v1).all() and torch.isfinite(g1).all()
-    _assert_close(v1, v2)
-    _assert_close(g1, g2)
+    assert_close(v1, v2)
+    assert_close(g1, g2)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_3d_input_with_mask(kind):
-    s, t = _logits(2, 7, 1271, seed=6), _logits(2, 7, 1271, seed=7)
+    s, t = random_logits(2, 7, 1271, seed=6), random_logits(2, 7, 1271, seed=7)
     mask = torch.rand(2, 7, generator=torch.Generator().manual_seed(8)) > 0.4
-    v1, g1 = _value_and_grad(per_token_divergence, s, t, mask=mask, kind=kind, beta=0.2)
-    v2, g2 = _value_and_grad(naive_divergence, s, t, mask=mask, kind=kind, beta=0.2)
+    v1, g1 = value_and_grad(per_token_divergence, s, t, mask=mask, kind=kind, beta=0.2)
+    v2, g2 = value_and_grad(naive_divergence, s, t, mask=mask, kind=kind, beta=0.2)
     assert v1.shape == (14,)
-    _assert_close(v1, v2)
-    _assert_close(g1, g2)
+    assert_close(v1, v2)
+    assert_close(g1, g2)
     assert (v1[~mask.reshape(-1)] == 0).all()
     assert (g1[~mask] == 0).all()
 
 
 def test_masked_rows_with_garbage_stay_zero():
-    s, t = _logits(4, 11), _logits(4, 11, seed=1)
+    s, t = random_logits(4, 11), random_logits(4, 11, seed=1)
     s[1] = float("nan")
     t[1] = float("-inf")
     mask = torch.tensor([True, False, True, True])
-    v, g = _value_and_grad(per_token_divergence, s, t, mask=mask)
+    v, g = value_and_grad(per_token_divergence, s, t, mask=mask)
     assert v[1] == 0 and (g[1] == 0).all() and torch.isfinite(v).all() and torch.isfinite(g).all()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_minus_inf_columns(kind):
-    s, t = _logits(6, 40, seed=9), _logits(6, 40, seed=10)
+    s, t = random_logits(6, 40, seed=9), random_logits(6, 40, seed=10)
     s[:, [3, 17, 39]] = float("-inf")
     t[:, [3, 17, 39]] = float("-inf")
-    v1, g1 = _value_and_grad(per_token_divergence, s, t, kind=kind, temperature=1.3)
+    v1, g1 = value_and_grad(per_token_divergence, s, t, kind=kind, temperature=1.3)
     assert torch.isfinite(v1).all() and torch.isfinite(g1).all()
     assert (g1[:, [3, 17, 39]] == 0).all()
     keep = [i for i in range(40) if i not in (3, 17, 39)]
-    v2, g2 = _value_and_grad(per_token_divergence, s[:, keep], t[:, keep], kind=kind, temperature=1.3)
-    _assert_close(v1, v2)
-    _assert_close(g1[:, keep], g2)
+    v2, g2 = value_and_grad(per_token_divergence, s[:, keep], t[:, keep], kind=kind, temperature=1.3)
+    assert_close(v1, v2)
+    assert_close(g1[:, keep], g2)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_zero_on_identical_and_nonnegative(kind):
-    s = _logits(8, 50, seed=11)
-    v, g = _value_and_grad(per_token_divergence, s, s.clone(), kind=kind)
+    s = random_logits(8, 50, seed=11)
+    v, g = value_and_grad(per_token_divergence, s, s.clone(), kind=kind)
     assert v.abs().max() < 1e-5 and g.abs().max() < 1e-6
-    v2 = per_token_divergence(_logits(64, 50, seed=12), _logits(64, 50, seed=13), kind=kind, beta=0.7)
+    v2 = per_token_divergence(random_logits(64, 50, seed=12), random_logits(64, 50, seed=13), kind=kind, beta=0.7)
     assert (v2 >= -1e-6).all() and (v2 > 0).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", KINDS)
 def test_low_precision_inputs(dtype, kind):
-    s, t = _logits(9, 300, dtype=dtype, seed=14), _logits(9, 300, dtype=dtype, seed=15)
-    v1, g1 = _value_and_grad(per_token_divergence, s, t, kind=kind)
-    v2, g2 = _value_and_grad(naive_divergence, s, t, kind=kind)
+    s, t = random_logits(9, 300, dtype=dtype, seed=14), random_logits(9, 300, dtype=dtype, seed=15)
+    v1, g1 = value_and_grad(per_token_divergence, s, t, kind=kind)
+    v2, g2 = value_and_grad(naive_divergence, s, t, kind=kind)
     assert v1.dtype == torch.float32 and g1.dtype == dtype
-    _assert_close(v1, v2, rtol=5e-2, atol=1e-3)
-    _assert_close(g1, g2.to(dtype), rtol=5e-2, atol=1e-3)
+    assert_close(v1, v2, rtol=5e-2, atol=1e-3)
+    assert_close(g1, g2.to(dtype), rtol=5e-2, atol=1e-3)
 
 
 def test_teacher_gets_no_grad():
-    s = _logits(3, 20).requires_grad_(True)
-    t = _logits(3, 20, seed=1).requires_grad_(True)
+    s = random_logits(3, 20).requires_grad_(True)
+    t = random_logits(3, 20, seed=1).requires_grad_(True)
     per_token_divergence(s, t).sum().backward()
     assert s.grad is not None and t.grad is None
 
 
 def test_small_chunks_match(monkeypatch):
-    s, t = _logits(37, 129, seed=16), _logits(37, 129, seed=17)
-    v1, g1 = _value_and_grad(per_token_divergence, s, t, kind="jsd")
+    s, t = random_logits(37, 129, seed=16), random_logits(37, 129, seed=17)
+    v1, g1 = value_and_grad(per_token_divergence, s, t, kind="jsd")
     monkeypatch.setattr(torch_divergence, "_CHUNK_ELEMENTS", 129 * 5)
-    v2, g2 = _value_and_grad(per_token_divergence, s, t, kind="jsd")
-    _assert_close(v1, v2)
-    _assert_close(g1, g2)
+    v2, g2 = value_and_grad(per_token_divergence, s, t, kind="jsd")
+    assert_close(v1, v2)
+    assert_close(g1, g2)
 
 
 def test_gradcheck_float64():
-    s = _logits(3, 7, dtype=torch.float64, seed=18).requires_grad_(True)
-    t = _logits(3, 7, dtype=torch.float64, seed=19)
+    s = random_logits(3, 7, dtype=torch.float64, seed=18).requires_grad_(True)
+    t = random_logits(3, 7, dtype=torch.float64, seed=19)
     for kind in KINDS:
 
         def fn(x, kind=kind):
@@ -164,7 +147,7 @@ def test_gradcheck_float64():
 
 
 def test_input_validation():
-    s, t = _logits(3, 10), _logits(3, 10, seed=1)
+    s, t = random_logits(3, 10), random_logits(3, 10, seed=1)
     with pytest.raises(ValueError, match="same shape"):
         per_token_divergence(s, t[:, :9])
     with pytest.raises(ValueError, match="unknown divergence kind"):
@@ -198,9 +181,9 @@ def test_fused_linear_matches_logits_path(kind, upstream_kind):
     kw = dict(mask=mask, kind=kind, beta=0.3, temperature=1.5)
     v1, gh1, gw1 = fused_grads(fused_linear_divergence, hs, ht, w, up, chunk_size=4, **kw)
     v2, gh2, gw2 = fused_grads(logits_then_divergence, hs, ht, w, up, **kw)
-    _assert_close(v1, v2)
-    _assert_close(gh1, gh2)
-    _assert_close(gw1, gw2)
+    assert_close(v1, v2)
+    assert_close(gh1, gh2)
+    assert_close(gw1, gw2)
     assert (gh1[~mask] == 0).all()
 
 
@@ -224,12 +207,12 @@ def test_fused_linear_with_logprobs(kind, temperature):
 
     v1, gh1, gw1 = fused_grads(with_logprobs, hs, ht, w, up, **kw)
     v2, gh2, gw2 = fused_grads(fused_linear_divergence, hs, ht, w, up, **kw)
-    _assert_close(v1, v2)  # the loss and its gradients are those of fused_linear_divergence
-    _assert_close(gh1, gh2)
-    _assert_close(gw1, gw2)
+    assert_close(v1, v2)  # the loss and its gradients are those of fused_linear_divergence
+    assert_close(gh1, gh2)
+    assert_close(gw1, gw2)
     for side, hidden in (("student", hs), ("teacher", ht)):
         assert got[side].shape == ids.shape and not got[side].requires_grad
-        _assert_close(got[side][mask].double(), _naive_logprobs(hidden, w, ids)[mask])  # temperature 1 always
+        assert_close(got[side][mask].double(), _naive_logprobs(hidden, w, ids)[mask])  # temperature 1 always
         assert (got[side][~mask] == 0).all()
 
 
@@ -245,9 +228,9 @@ def test_fused_linear_bf16_and_default_chunk():
     v1, gh1, gw1 = fused_grads(fused_linear_divergence, hs, ht, w, up, mask=mask, kind="jsd")
     v2, gh2, gw2 = fused_grads(logits_then_divergence, hs, ht, w, up, mask=mask, kind="jsd")
     assert gh1.dtype == torch.bfloat16 and gw1.dtype == torch.bfloat16
-    _assert_close(v1, v2, rtol=5e-2, atol=1e-3)
-    _assert_close(gh1, gh2, rtol=5e-2, atol=1e-3)
-    _assert_close(gw1, gw2, rtol=5e-2, atol=1e-3)
+    assert_close(v1, v2, rtol=5e-2, atol=1e-3)
+    assert_close(gh1, gh2, rtol=5e-2, atol=1e-3)
+    assert_close(gw1, gw2, rtol=5e-2, atol=1e-3)
 
 
 def test_fused_linear_frozen_weight_and_no_grad():
@@ -257,23 +240,23 @@ def test_fused_linear_frozen_weight_and_no_grad():
     assert hs.grad is not None and w.grad is None
     with torch.no_grad():
         v = fused_linear_divergence(hs, ht, w)
-    _assert_close(v, logits_then_divergence(hs.detach(), ht, w))
+    assert_close(v, logits_then_divergence(hs.detach(), ht, w))
 
 
 def test_second_backward_with_retain_graph():
-    s = _logits(4, 30).requires_grad_(True)
-    loss = per_token_divergence(s, _logits(4, 30, seed=1))
+    s = random_logits(4, 30).requires_grad_(True)
+    loss = per_token_divergence(s, random_logits(4, 30, seed=1))
     loss.sum().backward(retain_graph=True)
     first = s.grad.clone()
     loss.sum().backward()
-    _assert_close(s.grad, 2 * first)
+    assert_close(s.grad, 2 * first)
     hs, ht, w, _ = _fused_case()
     w = w.requires_grad_(True)
     loss = fused_linear_divergence(hs, ht, w)
     loss.sum().backward(retain_graph=True)
     first = w.grad.clone()
     loss.sum().backward()
-    _assert_close(w.grad, 2 * first)
+    assert_close(w.grad, 2 * first)
 
 
 def test_fused_linear_gradcheck_float64():
@@ -291,7 +274,7 @@ def test_fused_linear_gradcheck_float64():
 
 
 def test_inputs_are_not_modified():
-    s, t = _logits(6, 33, seed=22), _logits(6, 33, seed=23)
+    s, t = random_logits(6, 33, seed=22), random_logits(6, 33, seed=23)
     s0, t0 = s.clone(), t.clone()
     for kind in KINDS:
         per_token_divergence(s, t, kind=kind, temperature=0.5)
@@ -302,10 +285,10 @@ def test_inputs_are_not_modified():
 def test_backend_setting_without_triton(monkeypatch):
     from sdlit.kernels import dispatch
 
-    s, t = _logits(3, 10), _logits(3, 10, seed=1)
+    s, t = random_logits(3, 10), random_logits(3, 10, seed=1)
     monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
     assert dispatch.resolve_backend("auto", s) == "torch"  # CPU tensors: the fallback
-    _assert_close(per_token_divergence(s, t, backend="torch"), per_token_divergence(s, t))
+    assert_close(per_token_divergence(s, t, backend="torch"), per_token_divergence(s, t))
     monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
     assert dispatch.resolve_backend("auto", s) == "torch"
     monkeypatch.setenv(dispatch.BACKEND_ENV, "fast")

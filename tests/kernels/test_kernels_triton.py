@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, fused_grads, logits_then_divergence
+from conftest import REPO_ROOT, assert_close, fused_grads, logits_then_divergence, random_logits, value_and_grad
 
 pytest.importorskip("triton")
 
@@ -68,23 +68,6 @@ def small_blocks(interpreted, monkeypatch):
     monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
 
 
-def _logits(*shape, dtype=torch.float32, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-
-def _value_and_grad(fn, student, teacher, upstream=None, **kw):
-    student = student.detach().clone().requires_grad_(True)
-    loss = fn(student, teacher, **kw)
-    up = torch.ones_like(loss) if upstream is None else upstream
-    (loss * up).sum().backward()
-    return loss.detach(), student.grad
-
-
-def _assert_close(a, b, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
-
-
 def naive_reference(student, teacher, upstream=None, mask=None, kind="forward_kl", beta=0.5, temperature=1.0):
     """(loss, grad) in fp64 by plain autograd, row by row over the columns that are not -inf on both sides.
 
@@ -120,10 +103,10 @@ def _check_both_backends(s, t, upstream=None, rtol=1e-5, atol=1e-6, **kw):
     v_ref, g_ref = naive_reference(s, t, upstream, **kw)
     results = {}
     for backend in ("triton", "torch"):
-        v, g = _value_and_grad(per_token_divergence, s, t, upstream, backend=backend, **kw)
+        v, g = value_and_grad(per_token_divergence, s, t, upstream, backend=backend, **kw)
         assert v.dtype == torch.float32 and v.shape == v_ref.shape and g.dtype == s.dtype, backend
-        _assert_close(v, v_ref, rtol, atol)
-        _assert_close(g, g_ref.to(s.dtype), rtol, atol)
+        assert_close(v, v_ref, rtol, atol)
+        assert_close(g, g_ref.to(s.dtype), rtol, atol)
         results[backend] = (v, g)
     return results["triton"]
 
@@ -131,7 +114,7 @@ def _check_both_backends(s, t, upstream=None, rtol=1e-5, atol=1e-6, **kw):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature,beta", [(1.0, 0.5), (0.7, 0.3)])
 def test_matches_fallback_and_naive(kind, temperature, beta):
-    s, t = _logits(2, 2, 1271, seed=1), _logits(2, 2, 1271, seed=2)
+    s, t = random_logits(2, 2, 1271, seed=1), random_logits(2, 2, 1271, seed=2)
     mask = torch.tensor([[True, False], [True, True]])
     up = torch.rand(4, generator=torch.Generator().manual_seed(3)) * 2 - 0.5  # upstream not 1, per row
     v, g = _check_both_backends(s, t, up, mask=mask, kind=kind, beta=beta, temperature=temperature)
@@ -141,32 +124,32 @@ def test_matches_fallback_and_naive(kind, temperature, beta):
 @pytest.mark.parametrize("kind", KINDS)
 def test_uniform_upstream_and_single_block(kind, interpreted, monkeypatch):
     monkeypatch.setattr(interpreted, "MAX_BLOCK_V", 4096)  # the default: one block covers V = 300
-    s, t = _logits(3, 300, seed=4), _logits(3, 300, seed=5)
+    s, t = random_logits(3, 300, seed=4), random_logits(3, 300, seed=5)
     _check_both_backends(s, t, kind=kind, beta=0.8, temperature=1.7)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", KINDS)
 def test_low_precision_inputs(dtype, kind):
-    s, t = _logits(3, 1271, dtype=dtype, seed=6), _logits(3, 1271, dtype=dtype, seed=7)
+    s, t = random_logits(3, 1271, dtype=dtype, seed=6), random_logits(3, 1271, dtype=dtype, seed=7)
     up = torch.rand(3, generator=torch.Generator().manual_seed(8))
     _check_both_backends(s, t, up, rtol=5e-2, atol=1e-3, kind=kind, temperature=1.3)
 
 
 def test_masked_rows_with_garbage_stay_zero():
-    s, t = _logits(4, 700, seed=9), _logits(4, 700, seed=10)
+    s, t = random_logits(4, 700, seed=9), random_logits(4, 700, seed=10)
     s[1] = float("nan")
     t[1] = float("-inf")
     mask = torch.tensor([True, False, True, True])
     for kind in KINDS:
-        v, g = _value_and_grad(per_token_divergence, s, t, torch.full((4,), 0.5), mask=mask, kind=kind,
+        v, g = value_and_grad(per_token_divergence, s, t, torch.full((4,), 0.5), mask=mask, kind=kind,
                                backend="triton")
         assert v[1] == 0 and (g[1] == 0).all() and torch.isfinite(v).all() and torch.isfinite(g).all()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_minus_inf_columns(kind):
-    s, t = _logits(3, 1271, seed=11), _logits(3, 1271, seed=12)
+    s, t = random_logits(3, 1271, seed=11), random_logits(3, 1271, seed=12)
     cols = [3, 600, 1100, 1270]  # one in each block, the last column of the last (partial) block
     s[:, cols] = float("-inf")
     t[:, cols] = float("-inf")
@@ -182,31 +165,31 @@ def test_minus_inf_columns(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_zero_on_identical_and_nonnegative(kind):
-    s = _logits(4, 1271, seed=13)
-    v, g = _value_and_grad(per_token_divergence, s, s.clone(), kind=kind, backend="triton")
+    s = random_logits(4, 1271, seed=13)
+    v, g = value_and_grad(per_token_divergence, s, s.clone(), kind=kind, backend="triton")
     assert v.abs().max() < 1e-5 and g.abs().max() < 1e-6
-    v2 = per_token_divergence(_logits(8, 200, seed=14), _logits(8, 200, seed=15), kind=kind, beta=0.7,
+    v2 = per_token_divergence(random_logits(8, 200, seed=14), random_logits(8, 200, seed=15), kind=kind, beta=0.7,
                               backend="triton")
     assert (v2 >= -1e-6).all() and (v2 > 0).all()
 
 
 def test_teacher_gets_no_grad_and_no_grad_mode():
-    s = _logits(3, 100).requires_grad_(True)
-    t = _logits(3, 100, seed=1).requires_grad_(True)
+    s = random_logits(3, 100).requires_grad_(True)
+    t = random_logits(3, 100, seed=1).requires_grad_(True)
     per_token_divergence(s, t, kind="jsd", backend="triton").sum().backward()
     assert s.grad is not None and t.grad is None
     with torch.no_grad():
         v = per_token_divergence(s, t, kind="jsd", backend="triton")
-    _assert_close(v, naive_reference(s.detach(), t.detach(), kind="jsd")[0])
+    assert_close(v, naive_reference(s.detach(), t.detach(), kind="jsd")[0])
 
 
 def test_second_backward_with_retain_graph():
-    s = _logits(3, 90).requires_grad_(True)
-    loss = per_token_divergence(s, _logits(3, 90, seed=1), kind="reverse_kl", backend="triton")
+    s = random_logits(3, 90).requires_grad_(True)
+    loss = per_token_divergence(s, random_logits(3, 90, seed=1), kind="reverse_kl", backend="triton")
     loss.sum().backward(retain_graph=True)
     first = s.grad.clone()
     (loss * torch.tensor([1.0, 2.0, 0.0])).sum().backward()
-    _assert_close(s.grad, first * torch.tensor([2.0, 3.0, 1.0])[:, None])
+    assert_close(s.grad, first * torch.tensor([2.0, 3.0, 1.0])[:, None])
 
 
 def _fused_case(dtype=torch.float32, seed=20):
@@ -227,9 +210,9 @@ def test_fused_linear_matches_logits_path(kind, upstream_kind):
     for backend in ("triton", "torch"):
         v1, gh1, gw1 = fused_grads(fused_linear_divergence, hs, ht, w, up, chunk_size=3, backend=backend, **kw)
         v2, gh2, gw2 = fused_grads(logits_then_divergence, hs, ht, w, up, backend=backend, **kw)
-        _assert_close(v1, v2)
-        _assert_close(gh1, gh2)
-        _assert_close(gw1, gw2)
+        assert_close(v1, v2)
+        assert_close(gh1, gh2)
+        assert_close(gw1, gw2)
         assert (gh1[~mask] == 0).all()
 
 
@@ -242,8 +225,8 @@ def test_fused_linear_with_logprobs_matches_fallback(temperature):
     torch_out = fused_linear_divergence_with_logprobs(hs, ht, w, ids, mask, backend="torch", **kw)
     naive = torch.log_softmax(hs @ w.T, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
     for got, expected in zip(triton_out, torch_out, strict=False):
-        _assert_close(got, expected)
-    _assert_close(triton_out[1][mask], naive[mask])
+        assert_close(got, expected)
+    assert_close(triton_out[1][mask], naive[mask])
     assert (triton_out[2][~mask] == 0).all()
 
 
@@ -254,9 +237,9 @@ def test_fused_linear_bf16():
     v2, gh2, gw2 = fused_grads(logits_then_divergence, hs.float(), ht.float(), w.float(), up, mask=mask,
                                 kind="jsd", backend="torch")
     assert gh1.dtype == torch.bfloat16 and gw1.dtype == torch.bfloat16
-    _assert_close(v1, v2, rtol=5e-2, atol=1e-3)
-    _assert_close(gh1, gh2, rtol=5e-2, atol=1e-3)
-    _assert_close(gw1, gw2, rtol=5e-2, atol=2e-3)
+    assert_close(v1, v2, rtol=5e-2, atol=1e-3)
+    assert_close(gh1, gh2, rtol=5e-2, atol=1e-3)
+    assert_close(gw1, gw2, rtol=5e-2, atol=2e-3)
 
 
 def test_backend_choice(interpreted, monkeypatch):
