@@ -108,9 +108,8 @@ def _data_keys(path: Path) -> list[str]:
         data = (yaml.safe_load(path.read_text()) or {}).get("data")
     except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
         return []
-    if not isinstance(data, dict):
-        return []
-    return list(data.get("init_args", data) if isinstance(data.get("init_args", data), dict) else [])
+    settings = data.get("init_args", data) if isinstance(data, dict) else None
+    return list(settings) if isinstance(settings, dict) else []
 
 
 def follow_root_dir(trainer: Namespace) -> None:

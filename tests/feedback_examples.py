@@ -1,5 +1,6 @@
 """Feedback kinds and a task defined outside sdlit, as a user would: one subclass each, selected from YAML."""
 
+from sdlit.critics import ArithmeticStepCritic
 from sdlit.feedback import Feedback
 from sdlit.tasks.arith import Arith
 
@@ -36,3 +37,16 @@ class ParityArith(Arith):
 
 
 PARITY_TASK = {"class_path": "feedback_examples.ParityArith", "init_args": {"train_size": 16, "eval_size": 6}}
+
+
+class FlakyCritic:
+    """The arithmetic critic, except that it fails on responses that mention 'boom' (as a remote critic might time
+    out on some)."""
+
+    def critique(self, question, reference, response):
+        if "boom" in response:
+            raise TimeoutError("critic timed out")
+        return ArithmeticStepCritic().critique(question, reference, response)
+
+    def critique_batch(self, items):
+        return [self.critique(*item) for item in items]

@@ -9,6 +9,8 @@ from sdlit.critics import ArithmeticStepCritic
 from sdlit.rollout import Rollout
 from sdlit.tasks.arith import Arith
 
+from feedback_examples import FlakyCritic
+
 
 def make_rollouts(responses):
     problem = Arith(min_steps=2, max_steps=2, train_size=1).train_problems()[0]
@@ -40,18 +42,6 @@ def test_step_critique_writes_the_critics_text_and_case():
     expected = ArithmeticStepCritic().critique(problem.question, problem.solution, rollouts[0].response)
     assert rollouts[0].context == expected.text
     assert rollouts[0].feedback == {"case": "wrong", "first_error": 0}
-
-
-class FlakyCritic:
-    """Fails on responses that mention 'boom' (as a remote critic might time out on some)."""
-
-    def critique(self, question, reference, response):
-        if "boom" in response:
-            raise TimeoutError("critic timed out")
-        return ArithmeticStepCritic().critique(question, reference, response)
-
-    def critique_batch(self, items):
-        return [self.critique(*item) for item in items]
 
 
 @pytest.mark.parametrize("fallback", ["reference", "none"])

@@ -162,22 +162,15 @@ def test_prompt_template_is_a_setting_and_checked():
 
 
 def test_critique_outcomes_isolates_failures_of_any_critic():
-    from sdlit.critics import ArithmeticStepCritic, critique_outcomes
+    from sdlit.critics import critique_outcomes
 
-    class Picky:
-        def critique(self, question, reference, response):
-            if "boom" in response:
-                raise TimeoutError("slow")
-            return ArithmeticStepCritic().critique(question, reference, response)
-
-        def critique_batch(self, items):
-            return [self.critique(*item) for item in items]
+    from feedback_examples import FlakyCritic
 
     class Wholesale:
         def critique_outcomes(self, items):
             raise ConnectionError("server gone")
 
     items = [("q", "1 + 1 = 2\n#### 2", "Step 1: 1 + 1 = 2\nAnswer: 2"), ("q", "#### 2", "boom")]
-    first, second = critique_outcomes(Picky(), items)
+    first, second = critique_outcomes(FlakyCritic(), items)
     assert first.case == "correct" and isinstance(second, TimeoutError)
     assert all(isinstance(o, ConnectionError) for o in critique_outcomes(Wholesale(), items))
