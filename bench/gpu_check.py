@@ -13,7 +13,8 @@ tokenizer (``bench/gpu_model.py``). Stages, each run as subprocesses under its o
    reference solution and GRPO, 32 rollouts of up to 512 new tokens, LoRA r=64, sdlit against TRL's SDFT and GRPO
    trainers, and sdlit without its fused output head; s/step, tokens/s, peak GPU memory, sdlit's phases;
 4. rollout generation: sdlit's sampler against plain ``generate`` at 32 and 256 rows, tokens/s;
-5. one ``sdlit fit`` step with ``--trainer.strategy fsdp`` on the one GPU per teacher mode (base, current, ema).
+5. one ``sdlit fit`` step with ``--trainer.strategy fsdp2`` (FSDP2) on the one GPU per teacher setup (base with
+   LoRA, base and EMA with full fine-tuning, current).
 
 A stage's cap is its share of ``--time-limit`` plus what the stages before it left unused; a stage cut at its cap
 keeps what it measured, and both files are rewritten after every subprocess, so a later failure loses nothing
@@ -53,7 +54,7 @@ STAGES = {  # number -> (title, function, share of the time limit)
     2: ("divergence kernels against naive PyTorch and Liger-Kernel", gpu_stages.divergence, 75 / 480),
     3: ("training step against TRL", gpu_step_stages.training_step, 225 / 480),
     4: ("rollout generation", gpu_step_stages.generation, 60 / 480),
-    5: ("FSDP on one GPU, each teacher mode", gpu_stages.fsdp, 60 / 480),
+    5: ("FSDP2 on one GPU, each teacher setup", gpu_stages.fsdp, 60 / 480),
 }
 MIN_STAGE_SECONDS = 10  # a stage with less time left than this is reported as not run
 PACKAGES = ("torch", "transformers", "lightning", "peft", "triton", "trl", "liger-kernel", "torchmetrics", "datasets",

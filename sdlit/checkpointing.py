@@ -25,7 +25,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -146,31 +146,37 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 # ---- data-stream position --------------------------------------------------------------------------
-class EpochSampler(Sampler[int]):
-    """Indices ``0..size-1``, shuffled by a generator seeded with ``seed + epoch`` (or in order).
+class EpochSampler(DistributedSampler):
+    """Indices ``0..size-1``, shuffled by a generator seeded with ``seed + epoch`` (or in order); rank r of W gets
+    positions r, r + W, ... of that order.
 
-    The order of an epoch depends on nothing but (seed, epoch), so a resumed run reproduces it. Lightning
+    The order of an epoch depends on nothing but (seed, epoch), so a resumed run reproduces it on every rank. When
+    the indices do not share evenly among the ranks, the first ones are repeated to fill the last round (as
+    Lightning's DistributedSampler does). Being a DistributedSampler, Lightning hands it to the loader as it is, and
     calls :meth:`set_epoch` at the start of each epoch.
+
+    Args:
+        size: Number of indices.
+        shuffle: Shuffle every epoch; else keep the order.
+        seed: Base seed of the shuffle.
+        num_replicas: Number of data-parallel ranks.
+        rank: This rank.
     """
 
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.size = size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order :meth:`__iter__` yields."""
-        self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.size))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = list(range(self.size))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        padded = [order[i % self.size] for i in range(len(self) * self.num_replicas)] if order else []
+        return iter(padded[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self.num_replicas)
 
 
 class ResumableLoader(DataLoader):
@@ -202,7 +208,11 @@ class ResumableLoader(DataLoader):
         """Resume at ``state``: the next pass skips the batches already trained on (none if the epoch ended)."""
         self.position.clear()
         self.position.update(epoch=int(state["epoch"]), batches=int(state["batches"]))
-        self.skip_batches = self.position["batches"] if self.position["batches"] < len(self) else 0
+        epoch_ended = self.position["batches"] >= len(self)
+        self.skip_batches = 0 if epoch_ended else self.position["batches"]
+        if hasattr(self.sampler, "set_epoch"):
+            # Lightning creates the first iterator of a resumed fit before it sets the sampler's epoch: set it here
+            self.sampler.set_epoch(self.position["epoch"] + int(epoch_ended))
 
     def __iter__(self):
         batches = super().__iter__()

@@ -133,9 +133,11 @@ class RolloutDataModule(LightningDataModule):
         rows = self.task.train_problems()
         if not rows:
             raise DataError(f"the training split of task {self.task.name!r} is empty")
+        trainer = self.trainer
+        sampler = EpochSampler(len(rows), self.shuffle, self.seed, num_replicas=trainer.world_size if trainer else 1,
+                               rank=trainer.global_rank if trainer else 0)
         return ResumableLoader(  # Lightning saves and restores its position with the fit loop
-            rows, batch_size=self.batch_size, sampler=EpochSampler(len(rows), self.shuffle, self.seed),
-            collate_fn=list, position=self.position,
+            rows, batch_size=self.batch_size, sampler=sampler, collate_fn=list, position=self.position,
         )
 
     def _offline_loader(self) -> DataLoader:

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from sdlit.sharding import local_tensor
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ class StepGuard:
             return False
         if not check_grads:
             return True
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [local_tensor(p.grad) for p in model.parameters() if p.grad is not None]  # sharded: this rank's
         if not grads:
             return True
         norms = torch.stack([g.detach().float().norm() for g in grads])  # inf/nan in any grad shows in its norm

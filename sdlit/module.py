@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -38,6 +39,7 @@ from sdlit.scoring import (
     response_logits,
     token_logprobs,
 )
+from sdlit.sharding import check_strategy, shard_solver
 from sdlit.teacher import TeacherMode, TeacherWeights, eval_mode
 from sdlit.timing import PhaseTimer
 
@@ -107,7 +109,8 @@ class SelfDistillationModule(LightningModule):
             then whatever the student's generation prompt has beyond it (Qwen3: the empty think block); a pair of
             settings whose prompts cannot be aligned this way stops the run at its start (:mod:`sdlit.prompts`).
         length_groups: Score rows of similar length together in the teacher and student passes, skipping most
-            padding (same logits; :func:`sdlit.scoring.group_by_length`); off: one padded pass per batch.
+            padding (same logits; :func:`sdlit.scoring.group_by_length`); off: one padded pass per batch. A sharded
+            solver (FSDP2) always makes one pass: every rank must run the same forwards.
         fused_output_head: Apply the output head inside the losses, in chunks of rows, so that the batch's
             ``[B, R, V]`` response logits (and their gradient) never exist (:mod:`sdlit.kernels`); the same loss
             and gradients, with the head applied to the real response tokens only and the logged advantages read
@@ -178,6 +181,7 @@ class SelfDistillationModule(LightningModule):
         self.phase_timer = PhaseTimer()  # rollout/feedback (datamodule), teacher/student (training_step)
         self.head_is_linear = False  # logits == final hidden @ head.T, checked once in configure_model
         self.step_loss = StepLoss()  # loss sums of the optimizer step in progress (see sdlit.normalization)
+        self.sharded = False  # the solver is sharded with FSDP2 (set in configure_model)
 
     # ---- model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -197,6 +201,43 @@ class SelfDistillationModule(LightningModule):
         if hp.fused_output_head and not self.head_is_linear:
             log.warning("fused_output_head: the logits of %s are not final hidden state x output head; "
                         "the losses use the logits", hp.model)
+        if self._shards_solver():
+            self._shard()
+
+    def unsharded_solver(self) -> nn.Module:
+        """A fresh solver as this module builds it (LoRA attached, initial weights), never sharded: e.g. to export a
+        sharded run's weights (:class:`sdlit.callbacks.HFExport`)."""
+        hp = self.hparams
+        model = load_model(hp.model, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
+        return add_lora(model, self.lora) if self.lora is not None else model
+
+    def _shards_solver(self) -> bool:
+        """Whether the trainer's strategy asks for a sharded solver (Lightning's ``ModelParallelStrategy``); Lightning's
+        FSDP1 strategy is refused: sdlit's sampler and teacher swap work on FSDP2's units (:mod:`sdlit.sharding`)."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if self._trainer is None:
+            return False
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("sdlit shards the solver with FSDP2, not with Lightning's FSDPStrategy (FSDP1): use "
+                             "--trainer.strategy fsdp2 (docs/scaling.md)")
+        return isinstance(self.trainer.strategy, ModelParallelStrategy)
+
+    def _shard(self) -> None:
+        """Shard the solver with FSDP2 on the data-parallel mesh (:mod:`sdlit.sharding`)."""
+        check_strategy(self.trainer.strategy)
+        if self.hparams.quantization:
+            raise ValueError("model.quantization (bitsandbytes 4/8-bit layers) cannot be sharded with FSDP2 by sdlit: "
+                             "train a quantised solver with one process per GPU (DDP)")
+        shard_solver(self.model, self.device_mesh["data_parallel"])
+        self.sharded = True
+        if self.hparams.length_groups:
+            rank_zero_info("length_groups: the solver is sharded (FSDP2), where every rank must run the same forward "
+                           "passes (each gathers every layer): one padded pass per batch")
+        if self.head_is_linear and self.hparams.fused_output_head is not False:
+            rank_zero_info("fused_output_head: the solver is sharded (FSDP2) and the fused losses would read the "
+                           "output head outside a forward pass: the losses use the logits")
+        self.head_is_linear = False
 
     def _load_device(self) -> torch.device:
         """The device a quantised solver is loaded on: the strategy's (this rank's) device once attached, else CPU."""
@@ -219,6 +260,11 @@ class SelfDistillationModule(LightningModule):
         """Whether training batches are sampled from the solver (``sft`` trains on reference solutions)."""
         return self.hparams.objective != "sft"
 
+    @property
+    def length_groups(self) -> bool:
+        """Whether the teacher and student passes score rows in length groups (``length_groups``, unsharded)."""
+        return self.hparams.length_groups and not self.sharded
+
     def max_teacher_tokens(self) -> int:
         """The teacher input budget in tokens."""
         if self.hparams.max_teacher_length:
@@ -238,7 +284,7 @@ class SelfDistillationModule(LightningModule):
             with self.phase_timer.phase("teacher"):
                 teacher_out, has_context = self._teacher_outputs(rollouts, score)
         with self.phase_timer.phase("student"):
-            student_out = score(self.model, student, self.hparams.length_groups)
+            student_out = score(self.model, student, self.length_groups)
         token_losses = {}  # name -> [B, R], 0 outside its mask
         loss_mask = student.response_mask
         if self.uses_teacher:
@@ -372,7 +418,7 @@ class SelfDistillationModule(LightningModule):
         self.truncations += truncated
         self.log("train/truncations", float(truncated), reduce_fx="sum", batch_size=len(rollouts))
         with eval_mode(self.model), self.teacher.weights(self.model):  # eval: no dropout in the teacher's target
-            outputs = score(self.model, batch, self.hparams.length_groups)
+            outputs = score(self.model, batch, self.length_groups)
         return outputs, has_context
 
     def _check_contexts(self, rollouts: list[Rollout], has_context: torch.Tensor) -> None:
@@ -533,6 +579,8 @@ class SelfDistillationModule(LightningModule):
         checkpoint["teacher"] = self.teacher.state_dict()
         checkpoint["step_guard"] = self.guard.state_dict()
         checkpoint["rng_states"] = capture_rng_states()
+        if self._trainer is not None and self.trainer.world_size > 1:  # each rank samples its own rollouts
+            checkpoint["rng_states_by_rank"] = self._rng_states_of_all_ranks(checkpoint["rng_states"])
         if "hyper_parameters" in checkpoint:  # e.g. LoraSettings as a dict: the file loads with weights_only=True
             checkpoint["hyper_parameters"] = plain_values(checkpoint["hyper_parameters"])
 
@@ -540,7 +588,28 @@ class SelfDistillationModule(LightningModule):
         """Restore the EMA teacher state and the guard's counters; keep the random state for train start."""
         self.teacher.load_state_dict(checkpoint.get("teacher", {}))
         self.guard.load_state_dict(checkpoint.get("step_guard", {}))
-        self._rng_to_restore = checkpoint.get("rng_states")
+        self._rng_to_restore = self._own_rng_states(checkpoint)
+
+    def _rng_states_of_all_ranks(self, own: dict) -> list[dict]:
+        """Every rank's random states, by global rank (a collective: every rank saves the checkpoint)."""
+        import torch.distributed as dist
+
+        states = [None] * self.trainer.world_size
+        dist.all_gather_object(states, own)
+        return states
+
+    def _own_rng_states(self, checkpoint: dict) -> dict | None:
+        """This rank's random states of a checkpoint: its own when the checkpoint has one per rank of this world
+        size, else the states rank 0 saved."""
+        by_rank = checkpoint.get("rng_states_by_rank")
+        if by_rank is None or self._trainer is None:
+            return checkpoint.get("rng_states")
+        if len(by_rank) != self.trainer.world_size:
+            log.warning("resuming %d processes from a checkpoint of %d: every rank continues with rank 0's random "
+                        "states, so the rollouts are not those of an uninterrupted run", self.trainer.world_size,
+                        len(by_rank))
+            return checkpoint.get("rng_states")
+        return by_rank[self.trainer.global_rank]
 
     def on_fit_start(self) -> None:
         """Before any rollout: the teacher view must line up with the student's (see :mod:`sdlit.prompts`)."""

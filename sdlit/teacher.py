@@ -15,6 +15,8 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from sdlit.sharding import full_tensor, reshard_all, shard_like
+
 TeacherMode = Literal["base", "current", "ema"]
 
 
@@ -58,16 +60,18 @@ class TeacherWeights:
         """After an optimizer step: move the EMA towards the live weights (no-op for other modes)."""
         if self.mode != "ema":
             return
+        reshard_all(model)  # sharded (FSDP2): the average follows this rank's shards
         if self.shadow is None:
             self._snapshot(model)
             return
-        self._follow_device(model)
+        self._place_shadow(model)
         for name, param in _trainable(model):
             self.shadow[name].lerp_(param.detach().to(self.shadow[name].dtype), 1.0 - self.ema_decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The shadow weights, for the checkpoint (empty when the mode keeps none)."""
-        return {k: v.detach().cpu() for k, v in (self.shadow or {}).items()}
+        """The shadow weights as whole tensors, for the checkpoint (empty when the mode keeps none). Sharded
+        (FSDP2), the shards are gathered: every rank calls it."""
+        return {k: full_tensor(v).detach().cpu() for k, v in (self.shadow or {}).items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore shadow weights saved by :meth:`state_dict`."""
@@ -75,28 +79,35 @@ class TeacherWeights:
 
     @contextmanager
     def _swapped(self, model: nn.Module) -> Iterator[None]:
+        # Sharded (FSDP2), the swap writes into the shards with every unit sharded: FSDP2 keeps the root unit gathered
+        # after a forward, and a gathered copy of the teacher's weights must not reach the student's forward.
+        reshard_all(model)
         if self.shadow is None:
             self._snapshot(model)
-        self._follow_device(model)
-        params = dict(_trainable(model))
+        self._place_shadow(model)
         live = {}
         with torch.no_grad():
+            params = dict(_trainable(model))
             for name, shadow in self.shadow.items():
-                param = params[name]
-                live[name] = param.detach().clone()
-                param.copy_(shadow)
+                live[name] = params[name].detach().clone()
+                params[name].copy_(shadow)
         try:
             yield
         finally:
+            reshard_all(model)
             with torch.no_grad():
+                params = dict(_trainable(model))
                 for name, saved in live.items():
                     params[name].copy_(saved)
 
-    def _follow_device(self, model: nn.Module) -> None:
-        device = next(model.parameters()).device
+    def _place_shadow(self, model: nn.Module) -> None:
+        """Lay the shadow out as the weights are: their device, and this rank's shard when they are sharded (a
+        shadow restored from a checkpoint holds whole tensors)."""
+        params = dict(_trainable(model))
         for name, shadow in self.shadow.items():
-            if shadow.device != device:
-                self.shadow[name] = shadow.to(device)
+            param = params[name]
+            if shadow.device != param.device or type(shadow) is not type(param.data):
+                self.shadow[name] = shard_like(shadow, param.data)
 
     @torch.no_grad()
     def _snapshot(self, model: nn.Module) -> None:

@@ -14,24 +14,7 @@ import yaml
 from sdlit.cli import run_cli
 from sdlit.objectives import loss_sum
 
-from conftest import subprocess_env, write_config
-
-
-def offline_rows(groups_of: int = 1) -> list[dict]:
-    """16 rollouts whose responses have very different lengths (1 to 6 steps), with contexts and rewards."""
-    rows = []
-    for i in range(16):
-        steps = "\n".join(f"Step {s + 1}: {i} + {s} = {i + s}" for s in range(1 + (i * 5) % 6))
-        rows.append({
-            "question": f"What is {i} + {i % 3}?",
-            "solution": f"{i}+{i % 3}=<<{i}+{i % 3}={i + i % 3}>>{i + i % 3}\n#### {i + i % 3}",
-            "answer": str(i + i % 3),
-            "response": f"{steps}\nAnswer: {i}",
-            "context": f"The answer is {i + i % 3}." + " Check each step." * (i % 4),
-            "reward": float((i * 7) % 3 == 0),
-            "group": i // groups_of,
-        })
-    return rows
+from conftest import offline_rows, subprocess_env, write_config
 
 
 def split_config(tmp_path, model_dir, objective, batch_size, accumulate, rows):

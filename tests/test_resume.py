@@ -28,35 +28,6 @@ from conftest import subprocess_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class StepRecorder(Callback):
-    """Appends each finished step's loss, problem ids and responses to a JSONL file."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        record = {
-            "step": trainer.global_step,
-            "epoch": trainer.current_epoch,
-            "loss": float(outputs["loss"]),
-            "problems": [r.problem.id for r in batch],
-            "responses": [r.response for r in batch],
-        }
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-class KillAtStep(Callback):
-    """SIGKILLs the process when step ``step + 1`` starts, i.e. right after step ``step``'s checkpoint."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 class KillWhileSaving(Callback):
     """At step ``step``, makes the checkpoint write stop half-way with SIGKILL (a crash during the save)."""
 
@@ -125,7 +96,7 @@ def write_config(tmp_path: Path, model_dir: str, callbacks: list) -> str:
 
 
 def recorder(path: Path) -> dict:
-    return {"class_path": "test_resume.StepRecorder", "init_args": {"path": str(path)}}
+    return {"class_path": "probes.StepRecorder", "init_args": {"path": str(path)}}
 
 
 def run_in_subprocess(config: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -153,13 +124,14 @@ def straight_run(tmp_path_factory, tiny_model_dir):
     return steps, cli, folder
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, straight_run):
+# killed mid-epoch 0, at the end of epoch 0 (4 steps an epoch), and mid-epoch 1
+@pytest.mark.parametrize("kill_after", [3, 4, 5])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, straight_run, kill_after):
     expected, straight, _ = straight_run
-    kill_after = 3
     crash_log = tmp_path / "steps.jsonl"
     config = write_config(tmp_path, tiny_model_dir,
                           [recorder(crash_log),
-                           {"class_path": "test_resume.KillAtStep", "init_args": {"step": kill_after}}])
+                           {"class_path": "probes.KillAtStep", "init_args": {"step": kill_after}}])
     killed = run_in_subprocess(config, tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert sorted(read_steps(crash_log)) == list(range(1, kill_after + 1))
@@ -257,3 +229,55 @@ def test_resumable_loader_skips_only_its_first_pass():
     assert sorted(x for b in loader for x in b) == list(range(10)) and list(loader) != full
     loader.load_state_dict({"epoch": 1, "batches": 5})  # saved at the epoch's last batch: the next pass is whole
     assert len(list(loader)) == 5
+
+
+@pytest.mark.parametrize("size", [10, 9])
+def test_epoch_sampler_shares_one_order_among_ranks(size):
+    whole = EpochSampler(size, shuffle=True, seed=3)
+    ranks = [EpochSampler(size, shuffle=True, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
+    for epoch in (0, 1):
+        for sampler in (whole, *ranks):
+            sampler.set_epoch(epoch)
+        order = list(whole)
+        parts = [list(r) for r in ranks]
+        assert len(parts[0]) == len(parts[1]) == len(ranks[0]) == 5
+        assert parts[0] == order[0::2] and parts[1][: len(order[1::2])] == order[1::2]
+        if size % 2:  # the last round is filled with the epoch's first index
+            assert parts[1][-1] == order[0]
+    assert list(whole) != sorted(whole)
+
+
+def test_sharded_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    """The same on 2 processes with FSDP2: each rank resumes with its own random state and data position."""
+    sharded = ["--trainer.devices", "2", "--trainer.strategy", "fsdp2"]
+    straight_dir, crash_dir = tmp_path / "straight", tmp_path / "crash"
+    straight_dir.mkdir(), crash_dir.mkdir()
+    config = write_config(straight_dir, tiny_model_dir, [recorder(straight_dir / "steps.jsonl")])
+    straight = run_in_subprocess(config, straight_dir, *sharded)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    crash_log = crash_dir / "steps.jsonl"
+    kill = {"class_path": "probes.KillAtStep", "init_args": {"step": 3}}
+    killed = run_in_subprocess(write_config(crash_dir, tiny_model_dir, [recorder(crash_log), kill]), crash_dir,
+                               *sharded)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_in_subprocess(write_config(crash_dir, tiny_model_dir, [recorder(crash_log)]), crash_dir,
+                                *sharded, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def by_rank_and_step(path: Path) -> dict[tuple[int, int], dict]:
+        return {(r["rank"], r["step"]): r for r in map(json.loads, path.read_text().splitlines())}
+
+    expected, got = by_rank_and_step(straight_dir / "steps.jsonl"), by_rank_and_step(crash_log)
+    assert sorted(got) == sorted(expected) == [(rank, step) for rank in (0, 1) for step in range(1, 7)]
+    for rank, step in expected:
+        assert got[rank, step]["problems"] == expected[rank, step]["problems"], (rank, step)
+        assert got[rank, step]["responses"] == expected[rank, step]["responses"], (rank, step)
+        assert abs(got[rank, step]["loss"] - expected[rank, step]["loss"]) <= 1e-6, (rank, step)
+    assert expected[0, 4]["problems"] != expected[1, 4]["problems"]  # the ranks sample their own problems
+    a = torch.load(straight_dir / "ckpt" / "last.ckpt", weights_only=True)
+    b = torch.load(crash_dir / "ckpt" / "last.ckpt", weights_only=True)
+    for part in ("state_dict", "teacher"):
+        assert a[part] and a[part].keys() == b[part].keys()
+        assert all(torch.allclose(a[part][k], b[part][k], atol=1e-6) for k in a[part]), part
+    assert len(a["rng_states_by_rank"]) == 2

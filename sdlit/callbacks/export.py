@@ -28,6 +28,7 @@ from peft import get_peft_model
 
 from sdlit.models import base_model
 from sdlit.quantization import dequantized_model, is_quantized, quantization_bits, torch_dtype
+from sdlit.sharding import is_sharded, whole_state
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class HFExport(Callback):
     def export(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         """Write the export (global rank zero only); return its directory."""
         source = best_checkpoint(trainer)
+        # sharded (FSDP2) without a checkpoint: the whole live weights, gathered by every rank
+        live_state = whole_state(pl_module.model) if is_sharded(pl_module.model) and not source else None
         if not trainer.is_global_zero:
             self.exported_from = source or "current weights"
             return None
@@ -85,7 +88,8 @@ class HFExport(Callback):
             rank_zero_warn("HFExport: no best checkpoint (no ModelCheckpoint saved one): exporting the current weights")
         target = self.output_dir(trainer)
         info = export_hf(pl_module, target, source, merge_lora=self.merge_lora,
-                         checkpoint_callback=_first_best(trainer), merged_dtype=self.merged_dtype)
+                         checkpoint_callback=_first_best(trainer), merged_dtype=self.merged_dtype,
+                         live_state=live_state)
         self.exported_from = source or "current weights"
         log.info("HFExport: wrote %s (from %s)", target, info["source"])
         return target
@@ -111,11 +115,13 @@ def export_hf(
     merge_lora: bool = True,
     checkpoint_callback: ModelCheckpoint | None = None,
     merged_dtype: str = "float32",
+    live_state: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Save ``pl_module``'s model (with ``checkpoint_path``'s weights when given) and tokenizer to ``target``.
 
-    ``merged_dtype``: the dtype of a merged export of a quantised run. Returns the export record also written to
-    ``target/sdlit_export.json``.
+    ``merged_dtype``: the dtype of a merged export of a quantised run. ``live_state``: a sharded (FSDP2) model's
+    whole weights, gathered beforehand (:func:`sdlit.sharding.whole_state`), exported when there is no checkpoint.
+    Returns the export record also written to ``target/sdlit_export.json``.
     """
     target = Path(target)
     _check_replaceable(target)
@@ -125,16 +131,23 @@ def export_hf(
     if is_quantized(pl_module.model):
         model, adapter_state = _quantized_export(pl_module, checkpoint_path, merge_lora, merged_dtype, info)
     else:
-        model, adapter_state = _plain_export(pl_module, checkpoint_path, merge_lora, info)
+        model, adapter_state = _plain_export(pl_module, checkpoint_path, merge_lora, info, live_state)
     info["adapter_only"] = _is_peft(model)
     _save(model, pl_module.tokenizer, info, target, adapter_state)
     del model
     return info
 
 
-def _plain_export(pl_module: LightningModule, checkpoint_path: str | None, merge_lora: bool, info: dict):
-    """A copy of the training model with the checkpoint's weights, its adapter merged unless ``merge_lora`` is off."""
-    model = copy.deepcopy(pl_module.model)
+def _plain_export(pl_module: LightningModule, checkpoint_path: str | None, merge_lora: bool, info: dict,
+                  live_state: dict[str, torch.Tensor] | None = None):
+    """A copy of the training model with the checkpoint's weights, its adapter merged unless ``merge_lora`` is off.
+    A sharded model is not copied: a fresh unsharded solver gets the checkpoint's weights, or ``live_state``."""
+    if is_sharded(pl_module.model):
+        model = pl_module.unsharded_solver()
+        if not checkpoint_path:
+            model.load_state_dict(live_state, strict=True)
+    else:
+        model = copy.deepcopy(pl_module.model)
     if checkpoint_path:
         info.update(source=str(checkpoint_path), step=load_trainable_weights(model, checkpoint_path))
     if merge_lora and _is_peft(model):

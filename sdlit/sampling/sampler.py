@@ -16,6 +16,7 @@ from sdlit.prompts import student_prompt_ids
 from sdlit.rollout import Rollout
 from sdlit.sampling.static_cache import left_pad, sample_with_static_cache, supports_static_cache
 from sdlit.settings import SamplingSettings
+from sdlit.sharding import gathered_weights
 from sdlit.tasks.base import Problem
 
 Sampler = Literal["static_cache", "generate"]
@@ -48,19 +49,25 @@ def sample_responses(
     was_training = model.training
     model.eval()
     try:
-        if sampler == "static_cache" and supports_static_cache(model):
-            responses = sample_with_static_cache(
-                model, prompts, eos_ids(model, tokenizer), tokenizer.pad_token_id, n=1 if greedy else n,
-                temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
-                llama_step=llama_step,
-            )
-        else:
-            responses = _sample_with_generate(model, tokenizer, prompts, n, settings)
+        with gathered_weights(model):  # sharded (FSDP2): the decode loop reads every layer's weights
+            responses = _decode(model, tokenizer, prompts, n, settings, sampler, llama_step)
     finally:
         model.train(was_training)
     if not greedy:
         return responses
     return [list(r) for r in responses for _ in range(n)]
+
+
+def _decode(model, tokenizer, prompts, n: int, settings: SamplingSettings, sampler: Sampler, llama_step: bool):
+    """The responses of ``sampler`` (greedy: one per prompt)."""
+    greedy = settings.temperature <= 0
+    if sampler == "static_cache" and supports_static_cache(model):
+        return sample_with_static_cache(
+            model, prompts, eos_ids(model, tokenizer), tokenizer.pad_token_id, n=1 if greedy else n,
+            temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
+            llama_step=llama_step,
+        )
+    return _sample_with_generate(model, tokenizer, prompts, n, settings)
 
 
 def _sample_with_generate(model, tokenizer, prompts, n: int, settings: SamplingSettings) -> list[list[int]]:
