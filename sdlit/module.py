@@ -185,10 +185,11 @@ class SelfDistillationModule(LightningModule):
 
     # ---- model -------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Load the solver (once) and attach LoRA."""
+        """Load the solver (once), attach LoRA, and shard it under ``ModelParallelStrategy`` (:mod:`sdlit.sharding`)."""
         if self.model is not None:
             return
         hp = self.hparams
+        shard = self._shards_solver()  # before loading: a strategy sdlit cannot shard with stops the run here
         model = load_model(hp.model, hp.dtype, hp.attn_implementation, hp.trust_remote_code, hp.quantization,
                            hp.quantization_compute_dtype, hp.double_quantization, self._load_device())
         if hp.quantization:
@@ -201,7 +202,7 @@ class SelfDistillationModule(LightningModule):
         if hp.fused_output_head and not self.head_is_linear:
             log.warning("fused_output_head: the logits of %s are not final hidden state x output head; "
                         "the losses use the logits", hp.model)
-        if self._shards_solver():
+        if shard:
             self._shard()
 
     def unsharded_solver(self) -> nn.Module:
@@ -221,14 +222,16 @@ class SelfDistillationModule(LightningModule):
         if isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError("sdlit shards the solver with FSDP2, not with Lightning's FSDPStrategy (FSDP1): use "
                              "--trainer.strategy fsdp2 (docs/scaling.md)")
-        return isinstance(self.trainer.strategy, ModelParallelStrategy)
-
-    def _shard(self) -> None:
-        """Shard the solver with FSDP2 on the data-parallel mesh (:mod:`sdlit.sharding`)."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return False
         check_strategy(self.trainer.strategy)
         if self.hparams.quantization:
             raise ValueError("model.quantization (bitsandbytes 4/8-bit layers) cannot be sharded with FSDP2 by sdlit: "
                              "train a quantised solver with one process per GPU (DDP)")
+        return True
+
+    def _shard(self) -> None:
+        """Shard the solver with FSDP2 on the data-parallel mesh (:mod:`sdlit.sharding`)."""
         shard_solver(self.model, self.device_mesh["data_parallel"])
         self.sharded = True
         if self.hparams.length_groups:
@@ -572,10 +575,11 @@ class SelfDistillationModule(LightningModule):
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only trainable weights (e.g. the LoRA adapter), the EMA teacher, the step guard's counters and
-        the random state in the checkpoint."""
-        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        """Keep only trainable weights (e.g. the LoRA adapter; every weight in a sharded checkpoint folder), the EMA
+        teacher, the step guard's counters and the random state (every rank's) in the checkpoint."""
+        if not self._writes_sharded_checkpoints():
+            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["teacher"] = self.teacher.state_dict()
         checkpoint["step_guard"] = self.guard.state_dict()
         checkpoint["rng_states"] = capture_rng_states()
@@ -583,6 +587,13 @@ class SelfDistillationModule(LightningModule):
             checkpoint["rng_states_by_rank"] = self._rng_states_of_all_ranks(checkpoint["rng_states"])
         if "hyper_parameters" in checkpoint:  # e.g. LoraSettings as a dict: the file loads with weights_only=True
             checkpoint["hyper_parameters"] = plain_values(checkpoint["hyper_parameters"])
+
+    def _writes_sharded_checkpoints(self) -> bool:
+        """Whether the strategy writes each rank's shards to a checkpoint folder (``ModelParallelStrategy`` with
+        ``save_distributed_checkpoint``). Such a folder keeps every weight, frozen ones too: loading it restores the
+        whole model and would stop at a missing one."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return bool(getattr(strategy, "_save_distributed_checkpoint", False))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore the EMA teacher state and the guard's counters; keep the random state for train start."""

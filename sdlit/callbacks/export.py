@@ -217,12 +217,29 @@ def load_trainable_weights(model: torch.nn.Module, checkpoint_path: str) -> int:
 
 
 def read_trainable_weights(checkpoint_path: str) -> tuple[dict[str, torch.Tensor], int]:
-    """An sdlit checkpoint's model weights (keys ``model.*``, the prefix removed) and its global step."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    """An sdlit checkpoint's model weights (keys ``model.*``, the prefix removed) and its global step; a checkpoint
+    folder of a sharded run (``save_distributed_checkpoint``) is read whole."""
+    if Path(checkpoint_path).is_dir():
+        checkpoint = _read_sharded_checkpoint(Path(checkpoint_path))
+    else:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     state = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
     if not state:
         raise ValueError(f"{checkpoint_path}: the checkpoint holds no model weights (state_dict keys 'model.*')")
     return state, int(checkpoint.get("global_step", 0))
+
+
+def _read_sharded_checkpoint(folder: Path) -> dict:
+    """A checkpoint folder of every rank's shards (torch distributed checkpoint) as one checkpoint dict: the weights
+    put together, and the step from Lightning's ``meta.pt``."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as scratch:
+        whole = Path(scratch) / "whole.pt"
+        dcp_to_torch_save(folder, whole)
+        checkpoint = torch.load(whole, map_location="cpu", weights_only=True)
+    meta = torch.load(folder / "meta.pt", map_location="cpu", weights_only=True)
+    return {"state_dict": checkpoint["state_dict"], "global_step": meta.get("global_step", 0)}
 
 
 def _check_fits(checkpoint_path: str, unexpected: list[str], missing: list[str]) -> None:
