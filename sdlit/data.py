@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from sdlit.checkpointing import EpochSampler, ResumableLoader
 from sdlit.feedback import Feedback
+from sdlit.models import resolve_model_path
 from sdlit.offline import (  # noqa: F401  (public here too)
     GroupBatches,
     RowBatches,
@@ -35,7 +36,9 @@ from sdlit.offline import (  # noqa: F401  (public here too)
 )
 from sdlit.rollout import Rollout
 from sdlit.sampling import SAMPLERS, Sampler, sample_rollouts
-from sdlit.settings import EvalSettings, SamplingSettings
+from sdlit.sampling.vllm_engine import check_installed as check_vllm_installed
+from sdlit.sampling.vllm_engine import engine_for
+from sdlit.settings import EvalSettings, SamplingSettings, VLLMSettings
 from sdlit.sft import reference_rollouts
 from sdlit.tasks.arith import Arith
 from sdlit.tasks.base import DataError, Problem, Task
@@ -78,11 +81,15 @@ class RolloutDataModule(LightningDataModule):
             file, row and field; ``skip`` leaves them out, logs each one and counts them (``skipped_rows``).
         sampler: How rollouts and held-out samples are decoded: ``static_cache`` (sdlit's loop: each prompt
             prefilled once for its n samples, a KV cache allocated once, finished rows dropped from the batch;
-            models that cannot take a static cache fall back to ``generate``) or ``generate`` (plain
-            ``model.generate``). Both sample from the same distribution.
+            models that cannot take a static cache fall back to ``generate``), ``generate`` (plain
+            ``model.generate``) or ``vllm`` (a vLLM engine in this process, synced with the live weights before
+            each call: :mod:`sdlit.sampling.vllm_engine`; needs the ``vllm`` extra). All sample from the same
+            distribution.
         llama_step: The ``static_cache`` loop decodes Llama-architecture models with sdlit's lean decode step
             (:mod:`sdlit.sampling.llama_step`: q/k/v and gate/up as one product each, attention over the written
             cache columns); false: every decode step through the model's own forward. Same tokens either way.
+        vllm: The vLLM engine of ``sampler: vllm``: memory share or KV-cache size, longest sequence, concurrent
+            sequences, tensor parallel size, eager mode, dtype.
     """
 
     def __init__(
@@ -97,6 +104,7 @@ class RolloutDataModule(LightningDataModule):
         on_bad_row: Literal["error", "skip"] = "error",
         sampler: Sampler = "static_cache",
         llama_step: bool = True,
+        vllm: VLLMSettings = VLLMSettings(),
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("rollouts_per_problem", rollouts_per_problem)):
@@ -109,6 +117,8 @@ class RolloutDataModule(LightningDataModule):
                 raise TypeError(f"data.{name} must be a {kind.__name__}, got {type(value).__name__}")
         if sampler not in SAMPLERS:
             raise ValueError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if sampler == "vllm":
+            check_vllm_installed()
         self.task = task
         self.batch_size = batch_size
         self.rollouts_per_problem = rollouts_per_problem
@@ -119,9 +129,36 @@ class RolloutDataModule(LightningDataModule):
         self.on_bad_row = on_bad_row
         self.sampler = sampler
         self.llama_step = llama_step
+        self.vllm = vllm
         self.skipped_rows = 0
         self.seed: int | None = None  # the shuffle seed: seed_everything's, fixed at the first train_dataloader()
         self.position = {"epoch": 0, "batches": 0}  # training batches handed to the model this epoch
+
+    # ---- the vLLM engine ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """With ``sampler: vllm``, start this process's engine before training or evaluating: a model vLLM cannot
+        serve, or a LoRA rank above its largest, stops the run here."""
+        if self.sampler == "vllm" and self.trainer is not None:
+            self.engine(self.trainer.lightning_module)
+
+    def engine(self, module):
+        """This process's vLLM engine for ``module``'s solver (``sampler: vllm``), else None."""
+        if self.sampler != "vllm":
+            return None
+        hp = module.hparams
+        if getattr(module, "sharded", False) or hp.get("quantization"):
+            raise ValueError("data.sampler 'vllm' serves the solver's own weights in full precision: it takes neither "
+                             "a sharded (FSDP2) nor a quantised solver yet; sample with data.sampler static_cache")
+        lora = getattr(module, "lora", None)
+        rank = lora.r if lora is not None else None
+        return engine_for(resolve_model_path(hp.model), rank, self.vllm, hp.get("dtype"))
+
+    def _synced_engine(self, module):
+        """The engine with the live weights of this policy version in it (None unless ``sampler: vllm``)."""
+        engine = self.engine(module)
+        if engine is not None:
+            engine.sync(module.model, module.global_step)
+        return engine
 
     # ---- dataloaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -249,6 +286,7 @@ class RolloutDataModule(LightningDataModule):
                 template_kwargs=module.hparams.student_template_kwargs,
                 sampler=self.sampler,
                 llama_step=self.llama_step,
+                engine=self._synced_engine(module),
             )
         with timer.phase("feedback"):
             self.grade(rollouts)
@@ -278,6 +316,7 @@ class RolloutDataModule(LightningDataModule):
             template_kwargs=module.hparams.student_template_kwargs,
             sampler=self.sampler,
             llama_step=self.llama_step,
+            engine=self._synced_engine(module),
         )
         self.grade(rollouts)
         groups = [rollouts[i * k : (i + 1) * k] for i in range(len(problems))]

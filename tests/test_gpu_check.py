@@ -76,7 +76,7 @@ def test_dry_run_writes_every_stage(tmp_path):
     figures = {f"{n}:{k}" for n, s in ran.items() for k in s["figures"]}
     expected = {"2:copy/gb_per_s", "2:jsd/logits/sdlit/ms", "2:forward_kl/hidden/sdlit/ms",
                 "3:reference/sdlit/s_per_step", "3:grpo/sdlit, no fused output head/s_per_step",
-                "4:4_rows/sdlit_vs_generate", "5:ema/seconds"}
+                "4:4_rows/sdlit_vs_generate", "5:ema (full)/seconds", "5:base/seconds"}
     if importlib.util.find_spec("trl"):  # the bench extra; without it the stage says it skipped TRL
         expected |= {"3:reference/trl/s_per_step", "3:grpo/sdlit_vs_trl/time"}
     else:

@@ -19,8 +19,8 @@ from sdlit.settings import SamplingSettings
 from sdlit.sharding import gathered_weights
 from sdlit.tasks.base import Problem
 
-Sampler = Literal["static_cache", "generate"]
-SAMPLERS = ("static_cache", "generate")
+Sampler = Literal["static_cache", "generate", "vllm"]
+SAMPLERS = ("static_cache", "generate", "vllm")
 
 
 @torch.no_grad()
@@ -32,6 +32,7 @@ def sample_responses(
     settings: SamplingSettings | None = None,
     sampler: Sampler = "static_cache",
     llama_step: bool = True,
+    engine=None,
 ) -> list[list[int]]:
     """Sample ``n`` responses per prompt in one batch; returns n*len(prompts) id lists.
 
@@ -40,12 +41,19 @@ def sample_responses(
     ``sampler``: ``static_cache`` (each prompt prefilled once, a KV cache sized once, finished rows dropped; models
     that cannot take a static cache use ``generate``) or ``generate`` (plain ``model.generate``). ``llama_step``:
     the static-cache loop decodes Llama models with the lean step (:mod:`sdlit.sampling.llama_step`); off, every
-    decode step goes through the model's own forward.
+    decode step goes through the model's own forward. ``vllm``: ``engine`` (a
+    :class:`~sdlit.sampling.vllm_engine.VLLMEngine` already synced with ``model``'s weights) decodes.
     """
     settings = settings or SamplingSettings()
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     greedy = settings.temperature <= 0
+    if sampler == "vllm":
+        if engine is None:
+            raise ValueError("sampler 'vllm' needs the engine: engine=sdlit.sampling.vllm_engine.engine_for(...), "
+                             "synced with the model's weights")
+        responses = engine.generate(prompts, n, settings, eos_ids(model, tokenizer))
+        return responses if not greedy else [list(r) for r in responses for _ in range(n)]
     was_training = model.training
     model.eval()
     try:
@@ -100,14 +108,15 @@ def sample_rollouts(
     template_kwargs: dict | None = None,
     sampler: Sampler = "static_cache",
     llama_step: bool = True,
+    engine=None,
 ) -> list[Rollout]:
     """Sample ``n`` rollouts per problem from the live solver; rollouts of problem i have ``group == i``.
 
     ``template_kwargs`` go to the chat template of the student prompt (e.g. ``enable_thinking``); ``settings``,
-    ``sampler`` and ``llama_step`` as in :func:`sample_responses`.
+    ``sampler``, ``llama_step`` and ``engine`` as in :func:`sample_responses`.
     """
     prompts = [student_prompt_ids(tokenizer, p.question, **(template_kwargs or {})) for p in problems]
-    responses = sample_responses(model, tokenizer, prompts, n, settings, sampler, llama_step)
+    responses = sample_responses(model, tokenizer, prompts, n, settings, sampler, llama_step, engine)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return [
         Rollout(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,3 +52,11 @@ def test_rollouts_are_grouped_by_problem_and_keep_their_ids(tiny_model_dir):
     model.train()
     sample_rollouts(model, tokenizer, problems, n=1, settings=SamplingSettings(max_new_tokens=2))
     assert model.training, "sampling must give the model back in the mode it found it"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_sampler_without_vllm_names_the_extra():
+    from sdlit.data import RolloutDataModule
+
+    with pytest.raises(ImportError, match=r"sdlit\[vllm\]"):
+        RolloutDataModule(sampler="vllm")
