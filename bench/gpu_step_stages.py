@@ -15,8 +15,6 @@ if str(BENCH) not in sys.path:  # loaded by path: the bench scripts are imported
 import step  # noqa: E402  (bench/step.py: the step and generation workers, their commands and tables)
 from gpu_stages import fmt, step_sizes  # noqa: E402
 
-from sdlit.sampling import SAMPLERS  # noqa: E402
-
 # ---- 3. the training step against TRL ---------------------------------------------------------------------------
 STEP_RUNS = (  # (condition, label, side, worker flags), in order of importance: a cut stage keeps the first ones
     ("reference", "sdlit", "sdlit", []),
@@ -141,7 +139,8 @@ def generation(ctx, stage: dict) -> None:
         args = step.parse_args([
             "--prompts", str(count), "--max-new-tokens", str(tokens), "--accelerator", sizes["accelerator"],
             "--model", str(ctx.model_dir()), "--lora-r", str(sizes["lora_r"]), "--lora-alpha", str(sizes["lora_alpha"]),
-            "--generation-repeats", "1", "--generation-samplers", "generate", "static_cache"])
+            "--generation-repeats", "1", "--generation-samplers", "generate", "static_cache",
+            *(["vllm"] if importlib.util.find_spec("vllm") is not None else [])])
         run = ctx.run(step.worker_command(args, "generation", "reference"), f"stage4_generation_{count}_rows")
         results[str(count)] = run.summary()
         ctx.write()
@@ -155,12 +154,11 @@ def generation(ctx, stage: dict) -> None:
 
 
 def vllm_line() -> str:
-    engine = "vllm" in SAMPLERS
-    installed = importlib.util.find_spec("vllm") is not None
-    if engine and installed:
-        return "vLLM: importable and an sdlit sampler, but this check does not time it yet"
-    return (f"vLLM engine rows: absent: vLLM is {'importable' if installed else 'not installed'} here and sdlit's "
-            f"samplers are {', '.join(SAMPLERS)} (no vLLM engine yet)")
+    """What stage 4 says of vLLM: timed beside the other samplers where it is installed, else why it is absent."""
+    if importlib.util.find_spec("vllm") is not None:
+        return "vLLM engine rows: `data.sampler: vllm` timed beside the other samplers (vLLM is installed here)"
+    return ("vLLM engine rows: absent: vLLM is not installed here (`pip install 'sdlit[vllm]'`; the lent GPU machines "
+            "have none, and its wheel is larger than what can be carried)")
 
 
 def generation_rates(result: dict) -> dict:

@@ -146,9 +146,9 @@ class RolloutDataModule(LightningDataModule):
         if self.sampler != "vllm":
             return None
         hp = module.hparams
-        if getattr(module, "sharded", False) or hp.get("quantization"):
-            raise ValueError("data.sampler 'vllm' serves the solver's own weights in full precision: it takes neither "
-                             "a sharded (FSDP2) nor a quantised solver yet; sample with data.sampler static_cache")
+        if hp.get("quantization"):
+            raise ValueError("data.sampler 'vllm' serves the solver's full-precision weights, not a quantised "
+                             "solver's: sample with data.sampler static_cache")
         lora = getattr(module, "lora", None)
         rank = lora.r if lora is not None else None
         return engine_for(resolve_model_path(hp.model), rank, self.vllm, hp.get("dtype"))

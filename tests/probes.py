@@ -1,5 +1,6 @@
 """Callbacks that look inside a real ``sdlit fit`` run in another process: :class:`StepRecorder` and
-:class:`KillAtStep` (resume tests), :class:`ShardingProbe` (sharded runs).
+:class:`KillAtStep` (resume tests), :class:`ShardingProbe` (sharded runs), :class:`EngineProbe` (``data.sampler:
+vllm``).
 
 :class:`ShardingProbe` checks a sharded (FSDP2) run from inside, against an unsharded copy of the solver. Each rank
 writes ``probe-rank{R}.json``:
@@ -132,3 +133,22 @@ def _gap(model, batch, trained: torch.Tensor, mask: torch.Tensor) -> float:
     """The largest |reference - trained| log-prob over the masked response tokens."""
     logprobs = token_logprobs(response_logits(model, batch, False), batch.response_ids)
     return float(((logprobs - trained).abs() * mask).max())
+
+
+class EngineProbe(Callback):
+    """At the end of fit, each rank writes ``engine-rank{R}.json``: whether its vLLM engine, synced with the trained
+    weights, samples the greedy tokens sdlit's own sampler draws from the (possibly sharded) solver."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer, pl_module):
+        engine = trainer.datamodule.engine(pl_module)
+        engine.sync(pl_module.model, pl_module.global_step)
+        greedy = SamplingSettings(temperature=0.0, max_new_tokens=10)
+        prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+        ours = sample_responses(pl_module.model, pl_module.tokenizer, prompts, settings=greedy)
+        theirs = sample_responses(pl_module.model, pl_module.tokenizer, prompts, settings=greedy, sampler="vllm",
+                                  engine=engine)
+        record = {"equal": ours == theirs, "version": engine.synced_version}
+        (self.out_dir / f"engine-rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -82,5 +82,6 @@ def test_dry_run_writes_every_stage(tmp_path):
     else:
         assert "TRL rows skipped" in markdown
     assert expected <= figures, expected - figures
-    for line in ("Liger-Kernel rows skipped", "FSDP skipped", "vLLM engine rows: absent", "test_kernels_cuda.py"):
+    for line in ("Liger-Kernel rows skipped", "| ema (full) | ok |", "vLLM engine rows: absent",
+                 "test_kernels_cuda.py"):
         assert line in markdown

@@ -33,6 +33,7 @@ from torch import nn
 
 from sdlit.sampling.sampler import cut_at_eos
 from sdlit.settings import SamplingSettings, VLLMSettings
+from sdlit.sharding import full_tensor
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,14 @@ class VLLMEngine:
 
     def _push_adapter(self, model: nn.Module, policy_version: int) -> None:
         """Save the live adapter to a fresh directory and sample through it with a new request id."""
+        from peft import get_peft_model_state_dict
         from vllm.lora.request import LoRARequest
 
         target = self.scratch / f"adapter-{policy_version}"
         staging = Path(tempfile.mkdtemp(dir=self.scratch, prefix=".staging-"))
-        model.save_pretrained(staging)
+        # whole tensors: a sharded (FSDP2) adapter is gathered here, every rank alike
+        adapter = {name: full_tensor(value).detach().cpu() for name, value in get_peft_model_state_dict(model).items()}
+        model.save_pretrained(staging, state_dict=adapter)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)  # the engine never reads a half-written adapter
@@ -148,8 +152,9 @@ class VLLMEngine:
 
     @torch.no_grad()
     def _push_weights(self, model: nn.Module) -> None:
-        """Reload the engine's weights in place from the live model's (checkpoint names, on CPU, float32)."""
-        weights = [(name, tensor.detach().to("cpu")) for name, tensor in model.state_dict().items()]
+        """Reload the engine's weights in place from the live model's (checkpoint names). A sharded (FSDP2) model's
+        weights are gathered one tensor at a time, as the engine reads them, every rank in the same order."""
+        weights = ((name, full_tensor(tensor).detach()) for name, tensor in model.state_dict().items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         if self.tied_head and not self.on_gpu:
             self.llm.collective_rpc(_repack_tied_head)

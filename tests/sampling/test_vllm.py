@@ -279,3 +279,26 @@ def test_a_model_vllm_cannot_serve_stops_before_training(tmp_path, tiny_model_di
     config = write_config(tmp_path, tiny_model_dir, callbacks=["ReferenceSolution"])
     with pytest.raises(ValueError, match="vLLM cannot serve model"):
         run_cli(["fit", "--config", config, "--data.sampler", "vllm"])
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_sharded_solver_pushes_gathered_weights_into_each_ranks_engine(tmp_path, vllm_model_dir, lora):
+    """FSDP2 on 2 processes: each rank's engine gets the whole weights (gathered tensor by tensor) or the whole
+    adapter, and samples the greedy tokens of the sharded solver."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    probe = {"class_path": "probes.EngineProbe", "init_args": {"out_dir": str(tmp_path)}}
+    config = write_config(tmp_path, vllm_model_dir, callbacks=["ReferenceSolution", probe], lora=lora,
+                          teacher="base" if lora else "ema")
+    cmd = [sys.executable, "-m", "sdlit.cli", "fit", "--config", config, "--trainer.devices", "2",
+           "--trainer.strategy", "fsdp2", "--data.sampler", "vllm", "--data.vllm.max_model_len", "512",
+           *(["--model.lora.r", "8"] if lora else [])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"engine-rank{rank}.json").read_text())
+        assert record == {"equal": True, "version": 2}
