@@ -66,6 +66,24 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+def save_wide_model(path) -> str:
+    """Save a tiny random Llama whose linear layers, not its embeddings, hold most weights (as in real models), with
+    head size 32 (which vLLM's CPU attention takes), and the tests' tokenizer, to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=2,
+                         pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """Directory of a saved tiny random Llama + tokenizer, loadable with from_pretrained."""

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from sdlit.callbacks import HFExport
 from sdlit.callbacks.export import export_hf
@@ -23,7 +23,7 @@ from sdlit.sampling.llama_step import supports_llama_step
 from sdlit.sampling.static_cache import sample_with_static_cache
 from sdlit.scoring import response_hidden, response_logits, token_logprobs
 
-from conftest import build_tokenizer, rollouts_with_context, write_config
+from conftest import rollouts_with_context, save_wide_model, write_config
 
 bnb = pytest.importorskip("bitsandbytes")
 LORA = LoraSettings(r=4, alpha=8)
@@ -140,15 +140,7 @@ def test_static_cache_sampler_greedy_tokens_equal_generate(tiny_model_dir, kind)
 @pytest.fixture(scope="module")
 def wide_model_dir(tmp_path_factory) -> str:
     """A tiny Llama whose linear layers, not its embeddings, hold most weights (as in real models)."""
-    path = tmp_path_factory.mktemp("wide-llama")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=2,
-                         pad_token_id=0, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_wide_model(tmp_path_factory.mktemp("wide-llama"))
 
 
 def held_bytes(model: torch.nn.Module) -> int:

@@ -9,7 +9,7 @@ import torch
 from sdlit.sampling import sample_responses
 from sdlit.settings import SamplingSettings, VLLMSettings
 
-from conftest import build_tokenizer, write_config
+from conftest import save_wide_model, write_config
 
 vllm = pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
@@ -21,20 +21,7 @@ GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=16)
 @pytest.fixture(scope="module")
 def vllm_model_dir(tmp_path_factory) -> str:
     """A 2-layer random Llama whose head size (32) vLLM's CPU attention supports, with the tests' tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("vllm-llama")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_wide_model(tmp_path_factory.mktemp("vllm-llama"))
 
 
 @pytest.fixture(scope="module")
