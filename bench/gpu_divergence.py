@@ -119,12 +119,18 @@ def normal(shape, scale: float, dtype: torch.dtype, device: str, generator, grad
 
 
 # ---- the variants ------------------------------------------------------------------------------------------------
-def liger_unavailable(device: str) -> str | None:
-    """Why Liger-Kernel's variants cannot run here, or None when they can."""
+def liger_unavailable(device: str, *modules: str) -> str | None:
+    """Why Liger-Kernel's variants cannot run here (no CUDA, not installed, or one of ``modules`` does not import),
+    or None when they can."""
     if device != "cuda":
         return "Liger-Kernel's Triton kernels need a CUDA device"
     if importlib.util.find_spec("liger_kernel") is None:
         return "liger_kernel is not installed"
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            return f"liger_kernel does not import: {err}"
     return None
 
 
@@ -134,15 +140,13 @@ def logit_variants(kind: str, device: str) -> dict:
         "naive": lambda s, t: naive_loss(s, t, kind).sum(),
         "sdlit": lambda s, t: per_token_divergence(s, t, kind=kind, beta=JSD_BETA).sum(),
     }
-    reason = liger_unavailable(device)
-    try:
-        from liger_kernel.transformers.jsd import LigerJSD
-        from liger_kernel.transformers.kl_div import LigerKLDIVLoss
-    except ImportError as err:
-        reason = reason or f"liger_kernel does not import: {err}"
+    reason = liger_unavailable(device, "liger_kernel.transformers.jsd", "liger_kernel.transformers.kl_div")
     if reason:
         variants["liger_jsd"] = reason
         return variants
+    from liger_kernel.transformers.jsd import LigerJSD
+    from liger_kernel.transformers.kl_div import LigerKLDIVLoss
+
     jsd = LigerJSD(beta=LIGER_BETA[kind])
     variants["liger_jsd"] = lambda s, t: jsd(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1))
     if kind == "forward_kl":  # kl_div(log q, log p) = KL(p || q): forward KL only (no gradient to the target)
@@ -161,14 +165,12 @@ def hidden_variants(kind: str, device: str) -> dict:
 
     variants = {"naive": naive,
                 "sdlit": lambda hs, ht, w: fused_linear_divergence(hs, ht, w, kind=kind, beta=JSD_BETA).sum()}
-    reason = liger_unavailable(device)
-    try:
-        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
-    except ImportError as err:
-        reason = reason or f"liger_kernel does not import: {err}"
+    reason = liger_unavailable(device, "liger_kernel.transformers.fused_linear_jsd")
     if reason:
         variants["liger_fused_linear_jsd"] = reason
         return variants
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
     fused = LigerFusedLinearJSD(jsd_beta=LIGER_BETA[kind])
     variants["liger_fused_linear_jsd"] = lambda hs, ht, w: fused(hs, w, ht, w, None)
     return variants

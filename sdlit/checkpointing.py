@@ -168,15 +168,26 @@ class EpochSampler(DistributedSampler):
         self.size = size
 
     def __iter__(self) -> Iterator[int]:
-        order = list(range(self.size))
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        padded = [order[i % self.size] for i in range(len(self) * self.num_replicas)] if order else []
-        return iter(padded[self.rank :: self.num_replicas])
+        return iter(rank_share(epoch_order(self.size, self.shuffle, self.seed, self.epoch), self.num_replicas,
+                               self.rank))
 
     def __len__(self) -> int:
         return -(-self.size // self.num_replicas)
+
+
+def epoch_order(size: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
+    """``0..size-1`` shuffled by a generator seeded with ``seed + epoch`` (in order when not ``shuffle``)."""
+    if not shuffle:
+        return list(range(size))
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def rank_share(items: list, num_replicas: int, rank: int) -> list:
+    """Rank ``rank``'s share of ``items``: positions rank, rank + W, ...; when they do not share evenly, the first
+    items are repeated to fill the last round (as Lightning's DistributedSampler does)."""
+    rounds = -(-len(items) // num_replicas)
+    padded = [items[i % len(items)] for i in range(rounds * num_replicas)] if items else []
+    return padded[rank::num_replicas]
 
 
 class ResumableLoader(DataLoader):

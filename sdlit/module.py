@@ -190,13 +190,7 @@ class SelfDistillationModule(LightningModule):
             return
         hp = self.hparams
         shard = self._shards_solver()  # before loading: a strategy sdlit cannot shard with stops the run here
-        model = load_model(hp.model, hp.dtype, hp.attn_implementation, hp.trust_remote_code, hp.quantization,
-                           hp.quantization_compute_dtype, hp.double_quantization, self._load_device())
-        if hp.quantization:
-            model = prepare_for_kbit_training(model, hp.gradient_checkpointing)
-        elif hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = add_lora(model, self.lora) if self.lora is not None else model
+        self.model = self.unsharded_solver()
         self.model.train()  # from_pretrained returns eval mode; Lightning switches modes per loop
         self.head_is_linear = output_head_weight(self.model) is not None
         if hp.fused_output_head and not self.head_is_linear:
@@ -206,10 +200,16 @@ class SelfDistillationModule(LightningModule):
             self._shard()
 
     def unsharded_solver(self) -> nn.Module:
-        """A fresh solver as this module builds it (LoRA attached, initial weights), never sharded: e.g. to export a
-        sharded run's weights (:class:`sdlit.callbacks.HFExport`)."""
+        """A fresh solver as this module builds it before any sharding: loaded (quantised when asked), gradient
+        checkpointing on when asked, LoRA attached, initial weights. :meth:`configure_model` trains one; the HF export
+        of a sharded run fills another with the run's weights (:class:`sdlit.callbacks.HFExport`)."""
         hp = self.hparams
-        model = load_model(hp.model, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
+        model = load_model(hp.model, hp.dtype, hp.attn_implementation, hp.trust_remote_code, hp.quantization,
+                           hp.quantization_compute_dtype, hp.double_quantization, self._load_device())
+        if hp.quantization:
+            model = prepare_for_kbit_training(model, hp.gradient_checkpointing)
+        elif hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return add_lora(model, self.lora) if self.lora is not None else model
 
     def _shards_solver(self) -> bool:

@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from torch.utils.data import DistributedSampler
 
+from sdlit.checkpointing import epoch_order, rank_share
 from sdlit.rollout import Rollout
 from sdlit.tasks.base import DataError, Problem
 from sdlit.tasks.rows import file_rows
@@ -163,16 +163,11 @@ class GroupBatches(DistributedSampler):
 
     def epoch_batches(self) -> list[list[int]]:
         """All ranks' batches of the current epoch, in order."""
-        order = range(len(self.groups))
-        if self.shuffle:
-            order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        return pack_groups([self.groups[int(i)] for i in order], self.batch_size)
+        order = epoch_order(len(self.groups), self.shuffle, self.seed, self.epoch)
+        return pack_groups([self.groups[i] for i in order], self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self.epoch_batches()
-        rounds = -(-len(batches) // self.num_replicas)
-        padded = [batches[i % len(batches)] for i in range(rounds * self.num_replicas)] if batches else []
-        return iter(padded[self.rank :: self.num_replicas])
+        return iter(rank_share(self.epoch_batches(), self.num_replicas, self.rank))
 
     def __len__(self) -> int:
         return -(-len(self.epoch_batches()) // self.num_replicas)

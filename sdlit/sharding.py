@@ -10,7 +10,7 @@ Three places read weights outside a forward pass, where FSDP2 would hand them ou
 
 - sampling (:func:`gathered_weights`): the decode loop reads the weights of every layer at every step, so all
   units are gathered for the whole call and sharded again after it;
-- the teacher's weight swap (:func:`resharded`, used by :class:`sdlit.teacher.TeacherWeights`): FSDP2 keeps the
+- the teacher's weight swap (:func:`reshard_all`, used by :class:`sdlit.teacher.TeacherWeights`): FSDP2 keeps the
   root unit gathered after a forward, so a swap must write into the shards with every unit sharded, or the next
   forward computes with the gathered copy of the other weights;
 - the fused output head reads the head's weight outside the model's forward: under sharding the losses use the
@@ -19,15 +19,12 @@ Three places read weights outside a forward pass, where FSDP2 would hand them ou
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -72,17 +69,6 @@ def reshard_all(model: nn.Module) -> None:
     """Free the gathered weights of every FSDP unit: the parameters are the shards again (no-op when unsharded)."""
     for unit in fsdp_modules(model):
         unit.reshard()
-
-
-@contextmanager
-def resharded(model: nn.Module) -> Iterator[None]:
-    """Every FSDP unit sharded at entry and at exit: writes into ``model.parameters()`` inside reach the shards, and
-    no gathered copy from before or inside outlives the block. A no-op for an unsharded model."""
-    reshard_all(model)
-    try:
-        yield
-    finally:
-        reshard_all(model)
 
 
 @contextmanager

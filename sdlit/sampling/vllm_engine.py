@@ -21,7 +21,6 @@ use offset".)
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import tempfile
@@ -34,8 +33,6 @@ from torch import nn
 from sdlit.sampling.sampler import cut_at_eos
 from sdlit.settings import SamplingSettings, VLLMSettings
 from sdlit.sharding import full_tensor
-
-log = logging.getLogger(__name__)
 
 # LoRA ranks vLLM's kernels are built for; an adapter's rank is served by the next one up
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
