@@ -45,6 +45,8 @@ quickstart: setup
 	@echo "== held-out accuracy after training =="
 	$(VENV)/bin/sdlit validate --config $(CONFIG) --trainer.default_root_dir $(QUICKSTART_DIR)/after \
 		--ckpt_path $(QUICKSTART_DIR)/checkpoints/last.ckpt
+	@echo "== before -> after, paired over the same held-out problems =="
+	@$(PY) -m sdlit.intervals $(QUICKSTART_DIR)/before $(QUICKSTART_DIR)/after
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

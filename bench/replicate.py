@@ -1,31 +1,38 @@
-"""Replicate the paper's three-way comparison (GRPO vs reference solution vs step-aligned critique) in one command.
+"""Replicate the paper's three-way comparison with confidence intervals: does GRPO, the reference solution or the
+step-aligned critique beat the warm start on held-out problems, and by how much?
 
 Stages, each a real `sdlit` run whose config is written into its run directory first:
 
-1. warm start: `sdlit fit` of configs/replication/warmstart.yaml (objective sft on step-tagged `arith`
-   reference solutions), exported with LoRA merged;
-2. filter: `sdlit validate` of configs/replication/filter.yaml: Avg@n of the warm-started solver on candidate
-   problems; those in the band (0, 5/16) become the train / held-out split;
-3. per seed: the warm start's held-out Avg@12 (step 0), then `sdlit fit` of configs/replication/{grpo,reference,
-   critique}.yaml: same solver, problems, batch and epochs, held-out Avg@12 / Pass@12 / Maj@12 / mean length
-   every `--eval-every` steps.
+1. warmstart: `sdlit fit` of configs/replication/warmstart.yaml (objective sft on step-tagged `arith` reference
+   solutions), exported with LoRA merged. The export's sha256 is recorded: every later run, in any session, must
+   start from the same solver.
+2. filter: `sdlit validate` of configs/replication/filter.yaml: Avg@8 of the warm-started solver on fresh `arith`
+   problems; those in the paper's band (0, 5/16) are split into held-out (the headline), validation (choosing the
+   learning rate and the checkpoint) and training problems (the rest).
+3. per seed: the warm start's Avg@12 on the validation and held-out problems (step 0), then `sdlit fit` of each
+   condition (configs/replication/{grpo,reference,critique}.yaml): same solver, training problems, batch and
+   epochs; 8 rollouts per problem for GRPO, 1 for self-distillation; Avg@12 on validation + held-out every
+   `--eval-every` steps and at the end. Seed 0 runs every learning rate of `--lr-grid`; each condition then keeps
+   the rate whose best checkpoint scores highest on the validation problems, and the later seeds run that rate.
 
-After every stage the results are rebuilt from the held-out sample files the runs wrote (never typed in):
-results/replication.md (best checkpoint per metric and its step, per-token advantage regions), replication.png
-(held-out Avg@12 against training step) and replication.json. Interrupted, it resumes where it stopped: finished
-stages are skipped and a fit that was cut short continues from its last.ckpt.
+What every finished run measured is kept in `results/replication/` (the split, per-problem scores of every
+evaluation, training curves, advantage statistics): committed, so a later session or machine resumes from it.
+`runs/replication/` is scratch (checkpoints, sample files; a cut fit resumes from its last.ckpt). After every run
+results/replication.md, .png and .json are rebuilt from the records (bench/replication_report.py).
 
-    python bench/replicate.py                      # the whole CPU budget (see README)
-    python bench/replicate.py --seeds 0 --epochs 1  # a shorter run
+    python bench/replicate.py                 # the whole CPU design (docs/replication.md); resumes where it stopped
+    python bench/replicate.py --seeds 0       # stop after seed 0 (the learning-rate grid)
+    python bench/replicate.py --gpu           # a bigger solver and budget for a GPU machine
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import functools
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,27 +41,47 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import replication_report as report  # noqa: E402
+
 CONFIGS = ROOT / "configs" / "replication"
-CONDITIONS = ("grpo", "reference", "critique")
-LABELS = {"grpo": "GRPO (binary reward, n=8)", "reference": "Reference solution (n=1)",
-          "critique": "Step-aligned critique (n=1)", "warm": "Warm start (step 0)"}
-METRICS = ("avg", "pass", "maj", "mean_length")
+CONDITIONS = report.CONDITIONS
+SPLIT_FILES = ("train.jsonl", "validation.jsonl", "eval.jsonl", "filter.json")
+
+# The CPU design (the defaults) and the GPU one (--gpu): a bigger solver and budget, bf16, vLLM rollouts.
+CPU = dict(base_model=None, seeds=[0, 1, 2], lr_grid=[1e-4, 3e-4], steps=[2, 3], candidates=480, filter_k=8,
+           held_out=48, validation=24, train_problems=32, epochs=2, eval_every=8, max_new_tokens=96, threads=None,
+           accelerator=None, precision=None, sampler=None, lora_r=None)
+GPU = dict(CPU, base_model="Qwen/Qwen3-1.7B", seeds=[0, 1, 2, 3, 4], lr_grid=[5e-6, 2e-5, 5e-5], steps=[4, 8],
+           candidates=4000, filter_k=16, held_out=120, validation=60, train_problems=256, epochs=6, eval_every=16,
+           max_new_tokens=512, accelerator="gpu", precision="bf16-mixed", sampler="vllm", lora_r=64)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/replication", help="run directories (checkpoints, logs, samples)")
-    p.add_argument("--results", default="results", help="where replication.md / .png / .json go")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one training run per condition and seed")
+    p.add_argument("--gpu", action="store_true", help="the GPU design (bigger solver and budget); flags still apply")
+    p.add_argument("--out", default="runs/replication", help="scratch run directories (checkpoints, samples)")
+    p.add_argument("--results", default="results", help="replication.md/.png/.json here, records in replication/")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds; seed 0 runs the learning-rate grid")
     p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
-    p.add_argument("--warmstart-steps", type=int, default=None, help="default: warmstart.yaml's max_steps")
-    p.add_argument("--candidates", type=int, default=None, help="problems the filter scores (filter.yaml)")
-    p.add_argument("--filter-k", type=int, default=None, help="samples per candidate (n of Avg@n; filter.yaml)")
-    p.add_argument("--held-out", type=int, default=None, help="kept problems held out (filter.yaml)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs of every condition")
-    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N optimizer steps")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of each run (default: torch's)")
-    return p.parse_args(argv)
+    p.add_argument("--lr-grid", type=float, nargs="+", help="learning rates every condition is tried with (seed 0)")
+    p.add_argument("--base-model", help="the solver before the warm start (default: warmstart.yaml's)")
+    p.add_argument("--warmstart-steps", type=int, help="default: warmstart.yaml's max_steps")
+    p.add_argument("--steps", type=int, nargs=2, metavar=("MIN", "MAX"), help="operations per candidate problem")
+    p.add_argument("--candidates", type=int, help="fresh problems the filter scores")
+    p.add_argument("--filter-k", type=int, help="samples per candidate (n of the filter's Avg@n)")
+    p.add_argument("--held-out", type=int, help="band problems held out for the headline numbers")
+    p.add_argument("--validation", type=int, help="band problems for choosing learning rates and checkpoints")
+    p.add_argument("--train-problems", type=int, help="band problems trained on (the same for every condition)")
+    p.add_argument("--epochs", type=int, help="training epochs of every condition")
+    p.add_argument("--eval-every", type=int, help="evaluation every N optimizer steps (and at the end)")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer, in rollouts and evaluations")
+    p.add_argument("--threads", type=int, help="torch threads of each run (default: torch's)")
+    args = p.parse_args(argv)
+    for key, value in (GPU if args.gpu else CPU).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
 
 
 # ---- configs ----------------------------------------------------------------------------------------------
@@ -66,34 +93,37 @@ def callback(config: dict, suffix: str) -> dict | None:
     return None
 
 
+def set_key(target: dict, dotted: str, value) -> None:
+    """Set ``a.b.c`` in nested dicts (created as needed); None leaves the YAML's value."""
+    if value is None:
+        return
+    *groups, name = dotted.split(".")
+    for group in groups:
+        target = target.setdefault(group, {})
+    target[name] = value
+
+
 def run_config(name: str, run_dir: Path, seed: int = 0, **settings) -> dict:
-    """A stage's YAML with every path pointed into ``run_dir`` and the given settings applied."""
+    """A stage's YAML with every path pointed into ``run_dir`` and the given settings applied: ``model`` (the
+    solver's path), ``split_dir``, and dotted keys under ``trainer``, ``module``, ``data``, ``task``, ``callbacks``
+    (``"<class suffix>.<arg>"``)."""
     config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     config["seed_everything"] = seed
     trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
     trainer["default_root_dir"] = str(run_dir)  # loggers, checkpoints and the HF export follow it
+    split_dir = settings.get("split_dir")
     band_filter = callback(config, "ProblemBandFilter")
-    if band_filter is not None and settings.get("split_dir") is not None:
-        band_filter["output_dir"] = str(settings["split_dir"])
+    if band_filter is not None and split_dir is not None:
+        band_filter["output_dir"] = str(split_dir)
     if settings.get("model"):
         model["model"] = str(settings["model"])
     task = data["task"].setdefault("init_args", {})
-    if settings.get("split_dir") and "train_path" in task:
-        task["train_path"] = str(settings["split_dir"] / "train.jsonl")
-        task["eval_path"] = str(settings["split_dir"] / "eval.jsonl")
-    for key, value in settings.get("trainer", {}).items():
-        if value is not None:
-            trainer[key] = value
-    for key, value in settings.get("data", {}).items():  # "evaluation.k": a key of a settings group
-        *groups, name = key.split(".")
-        if value is not None:
-            target = data
-            for group in groups:
-                target = target.setdefault(group, {})
-            target[name] = value
-    for key, value in settings.get("task", {}).items():
-        if value is not None:
-            task[key] = value
+    if split_dir is not None and "train_path" in task:
+        task["train_path"] = str(split_dir / "train.jsonl")
+        task["eval_path"] = str(split_dir / "evaluation.jsonl")
+    for group, target in (("trainer", trainer), ("module", model), ("data", data), ("task", task)):
+        for key, value in settings.get(group, {}).items():
+            set_key(target, key, value)
     for key, value in settings.get("callbacks", {}).items():
         suffix, arg = key.split(".")
         if value is not None:
@@ -101,6 +131,45 @@ def run_config(name: str, run_dir: Path, seed: int = 0, **settings) -> dict:
     return config
 
 
+def common_settings(args) -> dict:
+    """The settings every stage shares: device, precision, sampler and answer lengths."""
+    return dict(
+        trainer={"accelerator": args.accelerator, "precision": args.precision},
+        data={"sampler": args.sampler, "sampling.max_new_tokens": args.max_new_tokens,
+              "evaluation.max_new_tokens": args.max_new_tokens},
+    )
+
+
+def lora_settings(args) -> dict:
+    """The LoRA rank of the trained stages (alpha = 2 r), when the design sets one."""
+    return {"module": {"lora.r": args.lora_r, "lora.alpha": 2 * args.lora_r if args.lora_r else None}}
+
+
+def training_settings(args, lr: float) -> dict:
+    """What every condition shares when it trains: problems, epochs, evaluation schedule, LoRA, learning rate."""
+    return merged(lora_settings(args), {
+        "module": {"learning_rate": lr},
+        "task": {"train_size": args.train_problems},
+        "trainer": {"max_epochs": args.epochs},
+        "callbacks": {"AvgAtKEvaluation.every_n_steps": args.eval_every},
+    })
+
+
+def design(args) -> dict:
+    """The settings a run's record keeps, so the report can say what was run."""
+    return {key: getattr(args, key) for key in ("train_problems", "epochs", "eval_every", "max_new_tokens")}
+
+
+def merged(*parts: dict) -> dict:
+    """Settings dicts merged group by group (later ones win)."""
+    out: dict = {}
+    for part in parts:
+        for group, values in part.items():
+            out[group] = {**out.get(group, {}), **values} if isinstance(values, dict) else values
+    return out
+
+
+# ---- sdlit runs -------------------------------------------------------------------------------------------
 def run_sdlit(command: str, config: dict, run_dir: Path, threads: int | None, resume: bool = False) -> float:
     """Write ``config`` to ``run_dir/config.yaml`` and run ``sdlit <command>`` on it; return its wall seconds."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,251 +191,168 @@ def run_sdlit(command: str, config: dict, run_dir: Path, threads: int | None, re
     return time.perf_counter() - started
 
 
-# ---- held-out metrics from the sample files ----------------------------------------------------------------
-def sample_files(run_dir: Path) -> list[Path]:
-    """The held-out sample CSVs a run wrote (AvgAtKEvaluation), oldest step first."""
-    return sorted(run_dir.glob("logs/version_*/samples/val_step*.csv"))
+# ---- durable records --------------------------------------------------------------------------------------
+def problem_splits(split_dir: Path) -> dict[str, tuple[str, str]]:
+    """Question text -> (problem id of the filter, split: "validation" or "eval") of the evaluated problems."""
+    splits = {}
+    for split, name in (("validation", "validation.jsonl"), ("eval", "eval.jsonl")):
+        for line in (split_dir / name).read_text().splitlines():
+            row = json.loads(line)
+            splits[row["question"].strip()] = (row["id"], split)
+    return splits
 
 
-def evaluation_metrics(path: Path) -> dict:
-    """Avg@k / Pass@k / Maj@k / mean length of one evaluation, recomputed from its samples with sdlit.metrics."""
-    import torch
+def write_scores(run_dir: Path, record_dir: Path, splits: dict[str, tuple[str, str]]) -> None:
+    """Every evaluation a run wrote (its samples files) as per-problem scores in ``record_dir/scores.csv``:
+    step, problem, split, avg, pass, maj, length (sdlit.intervals.problem_scores)."""
+    from sdlit.intervals import problem_scores, read_samples
 
-    from sdlit.metrics import AvgAtK, MajAtK, PassAtK
+    rows = []
+    for path in sorted(run_dir.glob("logs/version_*/samples/val_step*.csv")):
+        samples = read_samples(path)
+        for problem, scores in problem_scores(samples).items():
+            first = samples[problem][0]
+            question = first["question"].strip()
+            if question not in splits:
+                raise ValueError(f"{path}: problem {problem!r} is in neither validation.jsonl nor eval.jsonl")
+            rows.append({"step": int(first["step"]), "problem": splits[question][0], "split": splits[question][1],
+                         **{k: round(v, 6) for k, v in scores.items()}})
+    record_dir.mkdir(parents=True, exist_ok=True)
+    with open(record_dir / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=report.SCORE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: (r["step"], r["split"], r["problem"])))
 
-    problems: dict[str, list[dict]] = {}
-    for row in csv.DictReader(open(path, newline="")):
-        problems.setdefault(row["problem"], []).append(row)
-    rows = [sorted(group, key=lambda r: int(r["sample"])) for group in problems.values()]
-    k = min(len(group) for group in rows)
-    correct = torch.tensor([[r["correct"] == "True" for r in group[:k]] for group in rows])
-    answers = [[r["extracted"] or None for r in group[:k]] for group in rows]
-    scores = {}
-    for name, metric in (("avg", AvgAtK(k)), ("pass", PassAtK(k)), ("maj", MajAtK(k))):
-        metric.update(correct, answers)
-        scores[name] = float(metric.compute())
-    scores["mean_length"] = sum(int(r["tokens"]) for g in rows for r in g[:k]) / (k * len(rows))
-    scores.update(step=int(rows[0][0]["step"]), problems=len(rows), k=k)
-    return scores
 
-
-def advantage_regions(run_dir: Path) -> dict:
-    """Mean over training steps of the logged per-token advantage region statistics (advantage/*)."""
-    sums: dict[str, list[float]] = {}
-    for path in run_dir.glob("logs/version_*/metrics.csv"):
+def write_training(run_dir: Path, record_dir: Path) -> None:
+    """Per optimizer step the training accuracy (the binary reward) and loss, and the mean per-token advantage
+    statistics (advantage/*) of the run's metrics.csv files."""
+    steps, advantage = {}, {}
+    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
         for row in csv.DictReader(open(path, newline="")):
+            if row.get("train/accuracy"):
+                steps[int(row["step"])] = {"step": int(row["step"]), "accuracy": float(row["train/accuracy"]),
+                                           "loss": float(row["train/loss"]) if row.get("train/loss") else ""}
             for key, value in row.items():
                 if key.startswith("advantage/") and value not in ("", None):
-                    sums.setdefault(key.removeprefix("advantage/"), []).append(float(value))
-    return {key: sum(v) / len(v) for key, v in sorted(sums.items())}
+                    advantage.setdefault(key.removeprefix("advantage/"), []).append(float(value))
+    with open(record_dir / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=("step", "accuracy", "loss"))
+        writer.writeheader()
+        writer.writerows(steps[s] for s in sorted(steps))
+    means = {key: sum(v) / len(v) for key, v in sorted(advantage.items())}
+    (record_dir / "advantage.json").write_text(json.dumps(means, indent=1) + "\n")
 
 
-# ---- results -----------------------------------------------------------------------------------------------
-def collect(out: Path, conditions: list[str]) -> dict:
-    """Every evaluation of every seed run so far (any ``seed*`` directory) and condition, plus the advantage
-    statistics; a later invocation with other ``--seeds`` adds to the same results."""
-    runs = {}
-    seeds = sorted(int(p.name.removeprefix("seed")) for p in out.glob("seed*") if p.name[4:].isdigit())
-    for seed in seeds:
-        warm = [evaluation_metrics(p) for p in sample_files(out / f"seed{seed}" / "warm")]
-        for condition in conditions:
-            run_dir = out / f"seed{seed}" / condition
-            curve = warm[:1] + [evaluation_metrics(p) for p in sample_files(run_dir)]
-            if len(curve) > 1:
-                runs[f"{condition}/seed{seed}"] = {
-                    "condition": condition, "seed": seed, "curve": curve,
-                    "advantage": advantage_regions(run_dir), "finished": (run_dir / "done.json").exists(),
-                }
-    return runs
+def record_run(run_dir: Path, record_dir: Path, splits: dict, info: dict, training: bool) -> None:
+    """A finished run's records, then ``run.json`` last (its presence marks the run finished)."""
+    write_scores(run_dir, record_dir, splits)
+    if training:
+        write_training(run_dir, record_dir)
+    (record_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
-def best(curve: list[dict], metric: str) -> dict:
-    """The training evaluation (step > 0) with the highest ``metric``; the earliest one on ties."""
-    trained = [e for e in curve if e["step"] > 0] or curve
-    return max(trained, key=lambda e: (e[metric], -e["step"]))
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def spread(values: list[float], scale: float = 100.0) -> str:
-    """Mean over seeds, with min-max when there are several."""
-    mean = sum(values) / len(values) * scale
-    if len(values) == 1:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ({min(values) * scale:.2f}-{max(values) * scale:.2f})"
+# ---- stages -----------------------------------------------------------------------------------------------
+def warm_start(args, out: Path, records: Path) -> Path:
+    """The warm-started solver (trained here unless this session has it), checked against the recorded hash."""
+    warm_dir = out / "warmstart"
+    model = warm_dir / "hf"
+    record = records / "warmstart.json"
+    if not (model / "sdlit_export.json").exists():
+        print("== warmstart", flush=True)
+        config = run_config("warmstart", warm_dir, model=args.base_model, **merged(
+            common_settings(args), lora_settings(args), {"trainer": {"max_steps": args.warmstart_steps}}))
+        seconds = run_sdlit("fit", config, warm_dir, args.threads, resume=True)
+        print(f"   {seconds / 60:.1f} min", flush=True)
+        if not record.exists():
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"seconds": seconds}) + "\n")
+    digest = sha256(model / "model.safetensors")
+    saved = json.loads(record.read_text()) if record.exists() else {}
+    if saved.get("sha256") not in (None, digest):
+        raise SystemExit(f"the warm start in {model} (sha256 {digest[:12]}) is not the one the records in {records} "
+                         f"were trained from ({saved['sha256'][:12]}): the runs would not share a starting point. "
+                         f"Run with another --results directory to start over.")
+    if "sha256" not in saved:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({**saved, "sha256": digest, "base_model": args.base_model}, indent=1) + "\n")
+    return model
 
 
-def results_table(runs: dict, conditions: list[str]) -> list[str]:
-    lines = ["| condition | seeds | best Avg@12 (step) | best Pass@12 (step) | best Maj@12 (step) "
-             "| mean length at best Avg@12 |",
-             "|---|---|---|---|---|---|"]
-    warm = [r["curve"][0] for r in runs.values() if r["curve"][0]["step"] == 0]
-    by_seed = {r["seed"]: r["curve"][0] for r in runs.values() if r["curve"][0]["step"] == 0}
-    if warm:
-        first = list(by_seed.values())
-        cells = [spread([e[m] for e in first]) + " (0)" for m in ("avg", "pass", "maj")]
-        lines.append(f"| {LABELS['warm']} | {len(first)} | " + " | ".join(cells)
-                     + f" | {spread([e['mean_length'] for e in first], 1.0)} |")
-    for condition in conditions:
-        group = [r for r in runs.values() if r["condition"] == condition]
-        if not group:
-            continue
-        cells = []
-        for metric in ("avg", "pass", "maj"):
-            picks = [best(r["curve"], metric) for r in group]
-            steps = "/".join(str(p["step"]) for p in picks)
-            cells.append(f"{spread([p[metric] for p in picks])} ({steps})")
-        lengths = [best(r["curve"], "avg")["mean_length"] for r in group]
-        done = "" if all(r["finished"] for r in group) else " (unfinished)"
-        lines.append(f"| {LABELS[condition]}{done} | {len(group)} | " + " | ".join(cells)
-                     + f" | {spread(lengths, 1.0)} |")
-    return lines
+def band_split(args, out: Path, records: Path, model: Path) -> Path:
+    """The train / validation / held-out problems: recorded ones if any, else the filter stage's."""
+    split_dir = out / "split"
+    kept = records / "split"
+    if not (kept / "filter.json").exists():
+        print("== filter", flush=True)
+        config = run_config("filter", out / "filter", model=model, split_dir=split_dir, **merged(
+            common_settings(args), {"data": {"evaluation.k": args.filter_k},
+                                    "task": {"eval_size": args.candidates, "min_steps": args.steps[0],
+                                             "max_steps": args.steps[1]},
+                                    "callbacks": {"ProblemBandFilter.held_out": args.held_out,
+                                                  "ProblemBandFilter.validation": args.validation}}))
+        seconds = run_sdlit("validate", config, out / "filter", args.threads)
+        print(f"   {seconds / 60:.1f} min", flush=True)
+        kept.mkdir(parents=True, exist_ok=True)
+        for name in SPLIT_FILES:
+            shutil.copy(split_dir / name, kept / name)
+        summary = json.loads((kept / "filter.json").read_text())
+        (kept / "filter.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=1) + "\n")
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for name in SPLIT_FILES:
+        shutil.copy(kept / name, split_dir / name)
+    with open(split_dir / "evaluation.jsonl", "w") as f:  # one evaluation pass scores both
+        for name in ("validation.jsonl", "eval.jsonl"):
+            f.write((kept / name).read_text())
+    return split_dir
 
 
-def curves_table(runs: dict) -> list[str]:
-    lines = ["| run | step | Avg@12 | Pass@12 | Maj@12 | mean length |", "|---|---|---|---|---|---|"]
-    for name, run in sorted(runs.items()):
-        for e in run["curve"]:
-            lines.append(f"| {name} | {e['step']} | {e['avg'] * 100:.2f} | {e['pass'] * 100:.2f} | "
-                         f"{e['maj'] * 100:.2f} | {e['mean_length']:.1f} |")
-    return lines
-
-
-def advantage_table(runs: dict) -> list[str]:
-    lines = ["| run | region | mean A_t | mean abs A_t | negative fraction |", "|---|---|---|---|---|"]
-    for name, run in sorted(runs.items()):
-        adv = run["advantage"]
-        for region in ("before", "at", "after", "all"):
-            if f"{region}_mean" in adv:
-                lines.append(f"| {name} | {region} | {adv[f'{region}_mean']:+.4f} | {adv.get(f'{region}_abs', 0):.4f} "
-                             f"| {adv.get(f'{region}_neg_frac', 0):.3f} |")
-    return lines
-
-
-def plot(runs: dict, path: Path) -> None:
-    """Held-out Avg@12 against training step: one line per seed, the mean across seeds bold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = {"grpo": "tab:gray", "reference": "tab:blue", "critique": "tab:red"}
-    for condition in CONDITIONS:
-        group = [r["curve"] for r in runs.values() if r["condition"] == condition]
-        if not group:
-            continue
-        for curve in group:
-            ax.plot([e["step"] for e in curve], [e["avg"] * 100 for e in curve], color=colors[condition],
-                    alpha=0.35, linewidth=1)
-        steps = sorted(set.intersection(*[{e["step"] for e in c} for c in group]))
-        mean = [sum(next(e["avg"] for e in c if e["step"] == s) for c in group) / len(group) * 100 for s in steps]
-        ax.plot(steps, mean, color=colors[condition], linewidth=2.2, marker="o", label=LABELS[condition])
-    batch = yaml.safe_load((CONFIGS / "grpo.yaml").read_text())["data"]["init_args"]["batch_size"]
-    ax.set_xlabel(f"training step (optimizer steps of {batch} problems)")
-    ax.set_ylabel("held-out Avg@12 (%)")
-    ax.set_title("SmolLM2-135M, warm-started on arith: held-out Avg@12")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_results(out: Path, results: Path, args, state: dict) -> None:
-    runs = collect(out, list(CONDITIONS))
-    if not runs:
-        return
-    results.mkdir(parents=True, exist_ok=True)
-    split = json.loads((out / "split" / "filter.json").read_text())
-    wall = sum(state["seconds"].values())
-    text = [
-        "# Replication: GRPO vs reference solution vs step-aligned critique",
-        "",
-        f"Written by `{state.get('command', 'python bench/replicate.py')}` on {state['machine']}.",
-        f"Wall time of the stages so far: {wall / 60:.1f} min "
-        + "(" + ", ".join(f"{k} {v / 60:.1f}" for k, v in state["seconds"].items()) + ").",
-        "",
-        f"Problems: {split['kept']} of {split['candidates']} candidate `arith` problems had the warm-started "
-        f"solver's Avg@{split['problems'][0]['n']} in ({split['low']:g}, {split['high']:g}); "
-        f"{split['train']} train, {split['held_out']} held out. Values in % as mean over seeds "
-        "(min-max); the step of each seed's best checkpoint in parentheses.",
-        "",
-        *results_table(runs, list(CONDITIONS)),
-        "",
-        f"![held-out Avg@12]({'replication.png'})",
-        "",
-        "## Every evaluation",
-        "",
-        *curves_table(runs),
-        "",
-        "## Per-token advantage by region (training rollouts; first error placed by the rule-based critic)",
-        "",
-        *advantage_table(runs),
-        "",
-    ]
-    (results / "replication.md").write_text("\n".join(text))
-    (results / "replication.json").write_text(json.dumps({"runs": runs, "split": {k: v for k, v in split.items()
-                                                          if k != "problems"}, "state": state}, indent=1) + "\n")
-    plot(runs, results / "replication.png")
-
-
-# ---- stages ------------------------------------------------------------------------------------------------
-def stage(state: dict, state_path: Path, name: str, done: Path, work) -> None:
-    """Run ``work`` unless ``done`` exists; add its wall time to the state file."""
-    if done.exists():
-        print(f"== {name}: done already ({done})", flush=True)
+def run_stage(args, out: Path, records: Path, name: str, command: str, config_name: str, seed: int,
+              settings: dict, splits: dict, info: dict) -> None:
+    """One run (warm evaluation or training), skipped when its record says it finished."""
+    record_dir = records / "runs" / name
+    if (record_dir / "run.json").exists():
+        print(f"== {name}: recorded ({record_dir})", flush=True)
         return
     print(f"== {name}", flush=True)
-    seconds = work()
-    state["seconds"][name] = state["seconds"].get(name, 0.0) + seconds
-    state_path.write_text(json.dumps(state, indent=1) + "\n")
+    run_dir = out / name
+    seconds = run_sdlit(command, run_config(config_name, run_dir, seed, **settings), run_dir, args.threads,
+                        resume=command == "fit")
+    record_run(run_dir, record_dir, splits, {**info, "seed": seed, "seconds": seconds}, training=command == "fit")
     print(f"   {seconds / 60:.1f} min", flush=True)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     out, results = (ROOT / args.out).resolve(), (ROOT / args.results).resolve()
+    records = results / "replication"
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"seconds": {}}
-    state["machine"] = machine()
-    state["command"] = " ".join(["python bench/replicate.py", *(sys.argv[1:] if argv is None else argv)])
-    warm_dir, split_dir = out / "warmstart", out / "split"
-    warm_model = warm_dir / "hf"
-
-    stage(state, state_path, "warmstart", warm_model / "sdlit_export.json", lambda: run_sdlit(
-        "fit", run_config("warmstart", warm_dir, trainer={"max_steps": args.warmstart_steps}),
-        warm_dir, args.threads, resume=True))
-    stage(state, state_path, "filter", split_dir / "filter.json", lambda: run_sdlit(
-        "validate", run_config("filter", out / "filter", model=warm_model, split_dir=split_dir,
-                               data={"evaluation.k": args.filter_k}, task={"eval_size": args.candidates},
-                               callbacks={"ProblemBandFilter.held_out": args.held_out}),
-        out / "filter", args.threads))
+    command = " ".join(["python bench/replicate.py", *(sys.argv[1:] if argv is None else argv)])
+    model = warm_start(args, out, records)
+    split_dir = band_split(args, out, records, model)
+    splits = problem_splits(split_dir)
     for seed in args.seeds:
-        seed_dir = out / f"seed{seed}"
-        common = dict(model=warm_model, split_dir=split_dir, trainer={"max_epochs": args.epochs},
-                      callbacks={"AvgAtKEvaluation.every_n_steps": args.eval_every})
-        warm_eval = seed_dir / "warm"
-        stage(state, state_path, f"seed{seed}/warm", warm_eval / "done.json", functools.partial(
-            finished_run, "validate", run_config("critique", warm_eval, seed, **common), warm_eval, args.threads))
+        run_stage(args, out, records, f"seed{seed}/warm", "validate", "critique", seed,
+                  merged(common_settings(args), {"model": model, "split_dir": split_dir}), splits,
+                  {"condition": "warm", **design(args)})
         for condition in args.conditions:
-            run_dir = seed_dir / condition
-            stage(state, state_path, f"seed{seed}/{condition}", run_dir / "done.json", functools.partial(
-                finished_run, "fit", run_config(condition, run_dir, seed, **common), run_dir, args.threads,
-                resume=True))
-            write_results(out, results, args, state)
-    write_results(out, results, args, state)
+            rates = args.lr_grid if seed == 0 else [report.chosen_rate(records, condition, args.lr_grid)]
+            for lr in rates:
+                settings = merged(common_settings(args), training_settings(args, lr),
+                                  {"model": model, "split_dir": split_dir})
+                run_stage(args, out, records, f"seed{seed}/{condition}/lr{lr:g}", "fit", condition, seed, settings,
+                          splits, {"condition": condition, "lr": lr, **design(args)})
+                report.write(records, results, command, machine(), args.lr_grid)
+    report.write(records, results, command, machine(), args.lr_grid)
     print(f"results: {results / 'replication.md'}", flush=True)
-
-
-def finished_run(command: str, config: dict, run_dir: Path, threads: int | None, resume: bool = False) -> float:
-    """``run_sdlit``, then the run marked finished (:func:`finish`); its wall seconds."""
-    return finish(run_dir, run_sdlit(command, config, run_dir, threads, resume))
-
-
-def finish(run_dir: Path, seconds: float) -> float:
-    """Mark a run finished (so a rerun skips it) and pass its wall time on."""
-    (run_dir / "done.json").write_text(json.dumps({"seconds": seconds}) + "\n")
-    return seconds
 
 
 def machine() -> str:

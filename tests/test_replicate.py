@@ -1,4 +1,6 @@
-"""bench/replicate.py: stage configs, metrics recomputed from sample files, results, and resuming."""
+"""bench/replicate.py and bench/replication_report.py: stage configs, durable records from sample files, the
+learning-rate and checkpoint choice on validation problems, intervals and paired differences in the report,
+resuming, and (slow) the whole pipeline of real `sdlit` runs on the tiny model."""
 
 from __future__ import annotations
 
@@ -6,8 +8,8 @@ import csv
 import json
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from sdlit.callbacks.evaluation import SAMPLE_COLUMNS
@@ -20,90 +22,170 @@ def replicate():
     return load_bench_script("replicate")
 
 
-def write_samples(path: Path, step: int, table: list[list[tuple[str, bool, int]]], gold: str = "7") -> None:
-    """One samples CSV: per problem, per sample (extracted answer, correct, tokens)."""
+@pytest.fixture(scope="module")
+def report(replicate):
+    return replicate.report
+
+
+def write_samples(path: Path, step: int, table: dict[str, list[tuple[str, bool, int]]]) -> None:
+    """One samples CSV: per question, per sample (extracted answer, correct, tokens)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=SAMPLE_COLUMNS)
         writer.writeheader()
-        for i, samples in enumerate(table):
+        for i, (question, samples) in enumerate(table.items()):
             for j, (answer, correct, tokens) in enumerate(samples):
-                writer.writerow({"step": step, "problem": f"p{i}", "sample": j, "question": "q", "gold": gold,
-                                 "response": "r", "extracted": answer, "correct": correct, "tokens": tokens})
+                writer.writerow({"step": step, "problem": f"gsm8k/eval/{i}", "sample": j, "question": question,
+                                 "gold": "7", "response": "r", "extracted": answer, "correct": correct,
+                                 "tokens": tokens})
+
+
+def write_split(split_dir: Path, validation: list[str], held_out: list[str]) -> None:
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for name, questions in (("validation.jsonl", validation), ("eval.jsonl", held_out)):
+        (split_dir / name).write_text("".join(json.dumps({"question": q, "answer": "#### 7", "id": f"arith/{q}"})
+                                              + "\n" for q in questions))
 
 
 def test_stage_configs_point_into_the_run_directory(replicate, tmp_path):
-    config = replicate.run_config("critique", tmp_path / "run", 3, model=tmp_path / "warm", split_dir=tmp_path / "s",
-                                  trainer={"max_epochs": 5, "max_steps": None},
-                                  callbacks={"AvgAtKEvaluation.every_n_steps": 4},
-                                  data={"evaluation.k": None, "evaluation.batch_size": 3})
+    args = replicate.parse_args(["--epochs", "5", "--eval-every", "4", "--max-new-tokens", "40"])
+    assert args.seeds == [0, 1, 2] and len(args.lr_grid) >= 2 and args.held_out >= 48 and args.validation > 0
+    settings = replicate.merged(replicate.common_settings(args), replicate.training_settings(args, 3e-4),
+                                {"model": tmp_path / "warm", "split_dir": tmp_path / "s"})
+    config = replicate.run_config("critique", tmp_path / "run", 3, **settings)
     assert config["seed_everything"] == 3
-    trainer, data = config["trainer"], config["data"]["init_args"]
+    trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
     assert trainer["default_root_dir"] == str(tmp_path / "run") and trainer["max_epochs"] == 5
-    assert "max_steps" not in trainer  # None keeps the YAML's setting (here: none)
+    assert "accelerator" in trainer and trainer["accelerator"] == "cpu"  # None keeps the YAML's setting
     assert "save_dir" not in trainer["logger"][0]["init_args"]  # follows default_root_dir
-    assert "dirpath" not in replicate.callback(config, "ModelCheckpoint")
     assert replicate.callback(config, "AvgAtKEvaluation")["every_n_steps"] == 4
-    assert config["model"]["init_args"]["model"] == str(tmp_path / "warm")
+    assert model["model"] == str(tmp_path / "warm") and model["learning_rate"] == 3e-4
+    assert model["lora"] == {"r": 16, "alpha": 32}
     assert data["task"]["init_args"]["train_path"] == str(tmp_path / "s" / "train.jsonl")
-    assert data["evaluation"]["k"] == 12 and data["evaluation"]["batch_size"] == 3
-    filter_config = replicate.run_config("filter", tmp_path / "f", split_dir=tmp_path / "s",
-                                         callbacks={"ProblemBandFilter.held_out": 5})
-    assert replicate.callback(filter_config, "ProblemBandFilter") == {
-        "output_dir": str(tmp_path / "s"), "low": 0.0, "high": 0.3125, "held_out": 5}
+    assert data["task"]["init_args"]["eval_path"] == str(tmp_path / "s" / "evaluation.jsonl")
+    assert data["task"]["init_args"]["train_size"] == args.train_problems
+    assert data["evaluation"]["k"] == 12 and data["evaluation"]["max_new_tokens"] == 40
+    assert data["sampling"]["max_new_tokens"] == 40
+    band = replicate.run_config("filter", tmp_path / "f", split_dir=tmp_path / "s", **replicate.merged(
+        replicate.common_settings(args), {"callbacks": {"ProblemBandFilter.held_out": 5,
+                                                        "ProblemBandFilter.validation": 3}}))
+    assert replicate.callback(band, "ProblemBandFilter") == {
+        "output_dir": str(tmp_path / "s"), "low": 0.0, "high": 0.3125, "held_out": 5, "validation": 3}
+    gpu = replicate.parse_args(["--gpu", "--seeds", "0"])
+    assert gpu.seeds == [0] and gpu.precision == "bf16-mixed" and gpu.lora_r == 64 and gpu.held_out > args.held_out
+    gpu_config = replicate.run_config("grpo", tmp_path / "g", **replicate.merged(
+        replicate.common_settings(gpu), replicate.training_settings(gpu, 2e-5)))
+    assert gpu_config["model"]["init_args"]["lora"] == {"r": 64, "alpha": 128}
+    assert gpu_config["data"]["init_args"]["sampler"] == "vllm"
 
 
-def test_metrics_are_recomputed_from_the_samples(replicate, tmp_path):
-    path = tmp_path / "val_step000004.csv"
-    write_samples(path, 4, [
-        [("7", True, 10), ("8", False, 20), ("8", False, 30)],  # majority 8: wrong
-        [("", False, 40), ("7", True, 50), ("", False, 60)],    # unparseable answers never win: majority 7
-        [("1", False, 5), ("2", False, 5), ("3", False, 5)],
-    ])
-    m = replicate.evaluation_metrics(path)
-    assert m["step"] == 4 and m["k"] == 3 and m["problems"] == 3
-    assert m["avg"] == pytest.approx(2 / 9)
-    assert m["pass"] == pytest.approx(2 / 3)
-    assert m["maj"] == pytest.approx(1 / 3)
-    assert m["mean_length"] == pytest.approx(225 / 9)
+def test_scores_are_recorded_per_problem_with_their_split(replicate, tmp_path):
+    right, wrong = ("7", True, 10), ("8", False, 30)
+    write_split(tmp_path / "split", ["qa"], ["qb", "qc"])
+    run_dir, record = tmp_path / "run", tmp_path / "record"
+    write_samples(run_dir / "logs/version_0/samples/val_step000004.csv", 4,
+                  {"qa": [right, wrong, wrong], "qb": [wrong, wrong, right], "qc": [("", False, 5)] * 3})
+    write_samples(run_dir / "logs/version_1/samples/val_step000008.csv", 8,  # a resumed run's second log dir
+                  {"qa": [right] * 3, "qb": [wrong] * 3, "qc": [("8", False, 5), right, ("8", False, 5)]})
+    replicate.write_scores(run_dir, record, replicate.problem_splits(tmp_path / "split"))
+    rows = list(csv.DictReader(open(record / "scores.csv")))
+    assert [(r["step"], r["split"], r["problem"]) for r in rows] == [
+        ("4", "eval", "arith/qb"), ("4", "eval", "arith/qc"), ("4", "validation", "arith/qa"),
+        ("8", "eval", "arith/qb"), ("8", "eval", "arith/qc"), ("8", "validation", "arith/qa")]
+    assert [float(r["avg"]) for r in rows] == pytest.approx([1 / 3, 0, 1 / 3, 0, 1 / 3, 1])
+    assert [float(r["maj"]) for r in rows] == [0, 0, 0, 0, 0, 1]  # qb at step 4: majority 8, wrong
+    assert [float(r["pass"]) for r in rows] == [1, 0, 1, 0, 1, 1]
+    write_samples(run_dir / "logs/version_1/samples/val_step000012.csv", 12, {"stray": [right]})
+    with pytest.raises(ValueError, match="in neither validation.jsonl nor eval.jsonl"):
+        replicate.write_scores(run_dir, record, replicate.problem_splits(tmp_path / "split"))
 
 
-def test_results_pick_the_best_step_per_metric(replicate, tmp_path):
-    out, results = tmp_path / "runs", tmp_path / "results"
-    (out / "split").mkdir(parents=True)
-    (out / "split" / "filter.json").write_text(json.dumps({
-        "kept": 20, "candidates": 50, "low": 0, "high": 0.3125, "train": 8, "held_out": 12,
-        "problems": [{"id": "a", "correct": 1, "n": 8, "split": "train"}]}))
-    right, wrong = ("7", True, 10), ("9", False, 10)
-    log = "logs/version_0/samples"
-    for seed in (0, 1):
-        write_samples(out / f"seed{seed}" / "warm" / log / "val_step000000.csv", 0, [[wrong, wrong], [wrong, right]])
-        write_samples(out / f"seed{seed}" / "critique" / log / "val_step000002.csv", 2,
-                      [[right, right], [wrong, wrong]])
-        write_samples(out / f"seed{seed}" / "critique" / log / "val_step000004.csv", 4,
-                      [[right, wrong], [right, wrong]])
-        (out / f"seed{seed}" / "critique" / "done.json").write_text("{}")
-    args = SimpleNamespace(seeds=[0, 1], conditions=["grpo", "reference", "critique"])
-    replicate.write_results(out, results, args, {"seconds": {"warmstart": 60.0}, "machine": "test machine"})
+def fake_run(records: Path, name: str, info: dict, curve: dict[int, tuple[float, float]], problems: int = 8,
+             rng=None, accuracy=(0.1, 0.5)) -> None:
+    """A finished run's records: at each step, validation and held-out per-problem Avg around the given means
+    (each problem's avg = mean + a fixed per-problem offset, so paired differences are exact)."""
+    folder = records / "runs" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    offsets = np.linspace(-0.05, 0.05, problems)
+    with open(folder / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=("step", "problem", "split", "avg", "pass", "maj", "length"))
+        writer.writeheader()
+        for step, (val, held) in curve.items():
+            for split, mean in (("validation", val), ("eval", held)):
+                for p in range(problems):
+                    avg = mean + offsets[p]
+                    writer.writerow({"step": step, "problem": f"{split}{p}", "split": split, "avg": avg,
+                                     "pass": float(avg > 0.2), "maj": float(avg > 0.4), "length": 50 + step})
+    steps = max(curve)
+    with open(folder / "train.csv", "w", newline="") as f:
+        f.write("step,accuracy,loss\n" + "".join(
+            f"{s},{accuracy[0] + (accuracy[1] - accuracy[0]) * s / max(1, steps - 1)},0.5\n" for s in range(steps)))
+    (folder / "advantage.json").write_text(json.dumps({"at_mean": -0.3, "at_abs": 0.4, "at_neg_frac": 0.3}))
+    (folder / "run.json").write_text(json.dumps({"train_problems": 16, "epochs": 2, "eval_every": 4,
+                                                 "max_new_tokens": 64, "seconds": 60.0, **info}))
+
+
+def write_filter(records: Path) -> None:
+    (records / "split").mkdir(parents=True, exist_ok=True)
+    (records / "split" / "filter.json").write_text(json.dumps({
+        "kept": 40, "candidates": 100, "low": 0, "high": 0.3125, "train": 16, "held_out": 8, "validation": 8,
+        "problems": [{"id": "a", "correct": 1, "n": 8, "split": "train"}], "seconds": 30.0}))
+
+
+def test_rate_and_checkpoint_are_chosen_on_validation_and_reported_with_intervals(report, tmp_path):
+    records, results, grid = tmp_path / "results" / "replication", tmp_path / "results", [1e-4, 3e-4]
+    write_filter(records)
+    for seed in (0, 1, 2):
+        fake_run(records, f"seed{seed}/warm", {"condition": "warm", "seed": seed}, {0: (0.2, 0.2)})
+    # seed 0: 3e-4 is best on validation for critique (0.40 at step 4) although 1e-4 is best on held-out
+    fake_run(records, "seed0/critique/lr0.0001", {"condition": "critique", "seed": 0, "lr": 1e-4},
+             {4: (0.30, 0.50), 8: (0.35, 0.45)})
+    fake_run(records, "seed0/critique/lr0.0003", {"condition": "critique", "seed": 0, "lr": 3e-4},
+             {4: (0.40, 0.30), 8: (0.38, 0.35)})
+    fake_run(records, "seed0/reference/lr0.0001", {"condition": "reference", "seed": 0, "lr": 1e-4},
+             {4: (0.25, 0.25), 8: (0.25, 0.25)})
+    with pytest.raises(SystemExit, match=r"reference: seed 0 has not run learning rates \[0.0003\]"):
+        report.chosen_rate(records, "reference", grid)
+    fake_run(records, "seed0/reference/lr0.0003", {"condition": "reference", "seed": 0, "lr": 3e-4},
+             {4: (0.25, 0.20), 8: (0.25, 0.30)})  # a tie on validation: the smaller rate
+    assert report.chosen_rate(records, "critique", grid) == 3e-4
+    assert report.chosen_rate(records, "reference", grid) == 1e-4
+    for seed in (1, 2):
+        fake_run(records, f"seed{seed}/critique/lr0.0003", {"condition": "critique", "seed": seed, "lr": 3e-4},
+                 {4: (0.30, 0.25), 8: (0.42, 0.40)})
+        fake_run(records, f"seed{seed}/reference/lr0.0001", {"condition": "reference", "seed": seed, "lr": 1e-4},
+                 {4: (0.25, 0.25), 8: (0.20, 0.20)})
+    report.write(records, results, "python bench/replicate.py --test", "test machine", grid)
     text = (results / "replication.md").read_text()
-    # Avg@2 is 50 at steps 2 and 4 (earliest wins); Pass@2 100 at step 4; Maj@2 100 at step 4 (ties: first answer)
-    assert "| Step-aligned critique (n=1) | 2 | 50.00 (50.00-50.00) (2/2) | 100.00 (100.00-100.00) (4/4) " \
-           "| 100.00 (100.00-100.00) (4/4) |" in text
-    assert "| Warm start (step 0) | 2 | 25.00 (25.00-25.00) (0) | 50.00 (50.00-50.00) (0) |" in text
-    assert "GRPO (binary" not in text  # no run of it: no row
-    assert (results / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((results / "replication.json").read_text())
-    assert [e["step"] for e in saved["runs"]["critique/seed0"]["curve"]] == [0, 2, 4]
+    assert saved["chosen_rates"] == {"critique": 3e-4, "reference": 1e-4}
+    # critique: validation picks step 4 on seed 0 (held-out 0.30) and step 8 on seeds 1, 2 (held-out 0.40)
+    assert saved["headline"]["critique"]["avg"]["mean"] == pytest.approx((0.30 + 0.40 + 0.40) / 3)
+    assert "| Step-aligned critique (n=1) | 0.0003 | 3 | 4/8/8 | 36.67 [" in text
+    # the paper's protocol picks the best held-out step: 0.35 (step 8) on seed 0
+    assert "| Step-aligned critique (n=1) | 0.0003 | 3 | 8/8/8 | 38.33 [" in text
+    # every per-problem offset cancels in a paired difference: critique - warm is exactly 0.1667 on every resample
+    diff = saved["differences"]["critique - warm"]["avg"]
+    assert diff["mean"] == pytest.approx(1 / 6) and diff["low"] > 0.09 and diff["high"] < 0.21
+    assert "| Step-aligned critique - Warm start | 3 | **+16.67 [" in text
+    low = saved["headline"]["critique"]["avg"]["low"]
+    assert low < saved["headline"]["critique"]["avg"]["mean"] < saved["headline"]["critique"]["avg"]["high"]
+    assert "- Step-aligned critique - Warm start: +16.67 points" in text and "is above warm start" in text
+    assert "| Reference solution (n=1) | 0.0001 | 3 | 4/4/4 | 25.00 [" in text
+    assert "GRPO (binary reward" not in text.split("## Learning rate")[0]  # no run of it: no row
+    assert "| Step-aligned critique (n=1) | 3 | 8 | 12.9 | 47.1 | +34.3, +34.3, +34.3 |" in text
+    assert "Wall time of the stages: " in text and "filter 0.5" in text
+    assert (results / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_finished_stages_are_skipped_and_cut_fits_resume(replicate, tmp_path, monkeypatch):
+def test_finished_runs_are_skipped_and_cut_fits_resume(replicate, tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(args, **kwargs):
+    def fake_subprocess(args, **kwargs):
         calls.append(args)
         return subprocess.CompletedProcess(args, 0)
 
-    monkeypatch.setattr(replicate.subprocess, "run", fake_run)
+    monkeypatch.setattr(replicate.subprocess, "run", fake_subprocess)
     run_dir = tmp_path / "critique"
     config = replicate.run_config("critique", run_dir)
     replicate.run_sdlit("fit", config, run_dir, threads=1, resume=True)
@@ -114,12 +196,72 @@ def test_finished_stages_are_skipped_and_cut_fits_resume(replicate, tmp_path, mo
     assert calls[-1][-2:] == ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
     assert (run_dir / "config.yaml").exists()
 
-    state, state_path, ran = {"seconds": {}}, tmp_path / "state.json", []
-    replicate.stage(state, state_path, "x", tmp_path / "done.json", lambda: ran.append(1) or 2.0)
-    (tmp_path / "done.json").write_text("{}")
-    replicate.stage(state, state_path, "x", tmp_path / "done.json", lambda: ran.append(1) or 2.0)
-    assert ran == [1] and json.loads(state_path.read_text())["seconds"] == {"x": 2.0}
+    records = tmp_path / "records"
+    (records / "runs" / "seed0" / "warm").mkdir(parents=True)
+    (records / "runs" / "seed0" / "warm" / "run.json").write_text("{}")
+    before = len(calls)
+    args = replicate.parse_args(["--threads", "1"])
+    replicate.run_stage(args, tmp_path / "out", records, "seed0/warm", "validate", "critique", 0, {}, {}, {})
+    assert len(calls) == before  # recorded: not run again
 
     monkeypatch.setattr(replicate.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, 3))
     with pytest.raises(SystemExit, match="sdlit fit failed \\(exit 3\\)"):
         replicate.run_sdlit("fit", config, run_dir, threads=None)
+
+
+def test_a_different_warm_start_is_refused(replicate, tmp_path):
+    out, records = tmp_path / "out", tmp_path / "records"
+    hf = out / "warmstart" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "sdlit_export.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"weights")
+    args = replicate.parse_args([])
+    assert replicate.warm_start(args, out, records) == hf
+    assert json.loads((records / "warmstart.json").read_text())["sha256"] == replicate.sha256(hf / "model.safetensors")
+    assert replicate.warm_start(args, out, records) == hf  # the same one: fine
+    (hf / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(SystemExit, match="is not the one the records .* were trained from"):
+        replicate.warm_start(args, out, records)
+
+
+@pytest.mark.slow
+def test_the_whole_design_runs_on_the_tiny_model_and_resumes(replicate, tmp_path, tiny_model_dir):
+    """Real `sdlit validate` / `sdlit fit` runs: a recorded warm start and split, two seeds, a grid of two rates
+    for seed 0 and the chosen one for seed 1; a second invocation runs nothing."""
+    import shutil
+
+    out, results = tmp_path / "out", tmp_path / "results"
+    hf = out / "warmstart" / "hf"
+    shutil.copytree(tiny_model_dir, hf)
+    (hf / "sdlit_export.json").write_text("{}")
+    split = results / "replication" / "split"
+    questions = [f"Tom has {i} apples. He buys {i + 1} more. How many apples does Tom have now?" for i in range(10)]
+    split.mkdir(parents=True)
+    rows = [{"question": q, "answer": f"{i}+{i + 1}=<<{i}+{i + 1}={2 * i + 1}>>{2 * i + 1}\n#### {2 * i + 1}",
+             "id": f"arith/eval/{i}"} for i, q in enumerate(questions)]
+    for name, part in (("train.jsonl", rows[:4]), ("validation.jsonl", rows[4:7]), ("eval.jsonl", rows[7:])):
+        (split / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    (split / "filter.json").write_text(json.dumps({"kept": 10, "candidates": 20, "low": 0, "high": 0.3125,
+                                                   "train": 4, "held_out": 3, "validation": 3,
+                                                   "problems": [{"id": "x", "correct": 1, "n": 8}]}))
+    argv = ["--out", str(out), "--results", str(results), "--seeds", "0", "1", "--conditions", "reference", "grpo",
+            "--lr-grid", "1e-4", "1e-3", "--train-problems", "4", "--epochs", "1", "--eval-every", "1",
+            "--max-new-tokens", "8"]
+    replicate.main(argv)
+    saved = json.loads((results / "replication.json").read_text())
+    assert set(saved["chosen_rates"]) == {"reference", "grpo"}
+    for condition in ("reference", "grpo"):
+        lr = saved["chosen_rates"][condition]
+        assert (results / "replication" / "runs" / "seed1" / condition / f"lr{lr:g}" / "run.json").exists()
+        other = ({1e-4, 1e-3} - {lr}).pop()
+        assert not (results / "replication" / "runs" / "seed1" / condition / f"lr{other:g}").exists()
+        scores = list(csv.DictReader(open(results / "replication" / "runs" / "seed0" / condition / "lr0.0001"
+                                          / "scores.csv")))
+        assert {r["step"] for r in scores} == {"1", "2"}  # batch 4 of 4 problems: 1 step per epoch; at end
+        assert sorted({r["problem"] for r in scores if r["split"] == "eval"}) == [f"arith/eval/{i}" for i in (7, 8, 9)]
+    text = (results / "replication.md").read_text()
+    assert "| Warm start (step 0) |  | 2 | 0/0 |" in text and "Reference solution - Warm start" in text
+    log = out / "seed0" / "reference" / "lr0.0001" / "fit.log"
+    size = log.stat().st_size
+    replicate.main(argv)
+    assert log.stat().st_size == size  # finished runs are not run again

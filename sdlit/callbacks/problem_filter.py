@@ -29,24 +29,29 @@ class ProblemBandFilter(Callback):
 
     Use it with ``sdlit validate``: the candidates are the datamodule's held-out problems (``data.task``,
     ``data.evaluation.num_problems``) and ``n`` is ``data.evaluation.k``. Output in ``output_dir``: ``train.jsonl``,
-    ``eval.jsonl`` (kept problems) and ``filter.json`` (the settings, every candidate's Avg@n and which split it
-    went to).
+    ``eval.jsonl`` (kept problems), ``validation.jsonl`` (with ``validation`` > 0) and ``filter.json`` (the settings,
+    every candidate's Avg@n and which split it went to).
 
     Args:
         output_dir: Directory of the split files (created; existing files are replaced).
         low: Keep problems with Avg@n strictly above this (default 0: solved at least once).
         high: Keep problems with Avg@n strictly below this (default 5/16, the paper's band).
-        held_out: Kept problems that go to the held-out file (the rest are for training).
-        seed: Seed of the shuffle that decides which kept problems are held out.
+        held_out: Kept problems that go to the held-out file ``eval.jsonl`` (the rest are for training).
+        validation: Kept problems that go to ``validation.jsonl``, for choosing checkpoints and learning rates
+            without touching the held-out problems (0: no validation file).
+        seed: Seed of the shuffle that decides which kept problems are held out, validation or training.
     """
 
-    def __init__(self, output_dir: str, low: float = 0.0, high: float = 5 / 16, held_out: int = 12, seed: int = 0):
+    def __init__(self, output_dir: str, low: float = 0.0, high: float = 5 / 16, held_out: int = 12,
+                 validation: int = 0, seed: int = 0):
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"ProblemBandFilter needs 0 <= low < high <= 1, got low={low}, high={high}")
         if held_out < 1:
             raise ValueError(f"ProblemBandFilter.held_out must be at least 1, got {held_out}")
+        if validation < 0:
+            raise ValueError(f"ProblemBandFilter.validation must be at least 0, got {validation}")
         self.output_dir = Path(output_dir)
-        self.low, self.high, self.held_out, self.seed = low, high, held_out, seed
+        self.low, self.high, self.held_out, self.validation, self.seed = low, high, held_out, validation, seed
         self.rows: list[dict] = []
         self.summary: dict | None = None  # what was written, for users and tests
 
@@ -82,29 +87,34 @@ class ProblemBandFilter(Callback):
         return self.low < row["correct"] / row["n"] < self.high
 
     def write(self, rows: list[dict]) -> dict:
-        """Split the candidates in the band and write ``train.jsonl``, ``eval.jsonl`` and ``filter.json``."""
+        """Split the candidates in the band and write ``train.jsonl``, ``eval.jsonl``, ``validation.jsonl`` (with
+        ``validation`` > 0) and ``filter.json``."""
         kept = sorted((r for r in rows if self.in_band(r)), key=lambda r: r["id"])
-        if len(kept) <= self.held_out:
+        reserved = self.held_out + self.validation
+        if len(kept) <= reserved:
             raise DataError(
                 f"ProblemBandFilter: only {len(kept)} of {len(rows)} candidate problems have Avg@n in "
-                f"({self.low:g}, {self.high:g}), not more than held_out={self.held_out}: evaluate more candidates "
-                "(data.evaluation.num_problems), widen the band or hold out fewer"
+                f"({self.low:g}, {self.high:g}), not more than held_out + validation = {reserved}: evaluate more "
+                "candidates (data.evaluation.num_problems), widen the band or hold out fewer"
             )
         random.Random(self.seed).shuffle(kept)
-        held_out, train = kept[: self.held_out], kept[self.held_out:]
+        held_out, validation, train = kept[: self.held_out], kept[self.held_out:reserved], kept[reserved:]
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _write_jsonl(self.output_dir / "train.jsonl", train)
         _write_jsonl(self.output_dir / "eval.jsonl", held_out)
-        split = {r["id"]: "train" for r in train} | {r["id"]: "eval" for r in held_out}
+        if self.validation:
+            _write_jsonl(self.output_dir / "validation.jsonl", validation)
+        split = ({r["id"]: "train" for r in train} | {r["id"]: "eval" for r in held_out}
+                 | {r["id"]: "validation" for r in validation})
         summary = {
             "low": self.low, "high": self.high, "seed": self.seed, "candidates": len(rows), "kept": len(kept),
-            "train": len(train), "held_out": len(held_out),
+            "train": len(train), "held_out": len(held_out), "validation": len(validation),
             "problems": [{"id": r["id"], "correct": r["correct"], "n": r["n"], "split": split.get(r["id"])}
                          for r in rows],
         }
         (self.output_dir / "filter.json").write_text(json.dumps(summary, indent=1) + "\n")
-        log.info("ProblemBandFilter: kept %d of %d candidates (%d train, %d held out) in %s",
-                 len(kept), len(rows), len(train), len(held_out), self.output_dir)
+        log.info("ProblemBandFilter: kept %d of %d candidates (%d train, %d held out, %d validation) in %s",
+                 len(kept), len(rows), len(train), len(held_out), len(validation), self.output_dir)
         return summary
 
 

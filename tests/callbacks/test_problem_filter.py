@@ -42,6 +42,26 @@ def test_band_is_strict_and_the_split_is_readable_by_the_gsm8k_task(tmp_path):
     assert again["problems"] == summary["problems"]  # the seed fixes the split
 
 
+def test_validation_split_is_disjoint_from_held_out_and_train(tmp_path):
+    rows = [candidate(i, 1 + i % 2) for i in range(20)] + [candidate(20 + i, 0) for i in range(5)]
+    summary = ProblemBandFilter(str(tmp_path), held_out=6, validation=4, seed=2).write(rows)
+    assert (summary["kept"], summary["held_out"], summary["validation"], summary["train"]) == (20, 6, 4, 10)
+    task = GSM8K(train_path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "validation.jsonl"))
+    validation = {p.question for p in task.eval_problems()}
+    held = {p.question for p in GSM8K(train_path=str(tmp_path / "train.jsonl"),
+                                      eval_path=str(tmp_path / "eval.jsonl")).eval_problems()}
+    train = {p.question for p in task.train_problems()}
+    assert len(validation) == 4 and len(held) == 6 and len(train) == 10
+    assert validation.isdisjoint(held) and validation.isdisjoint(train) and held.isdisjoint(train)
+    recorded = Counter(p["split"] for p in json.loads((tmp_path / "filter.json").read_text())["problems"])
+    assert recorded == {"train": 10, "eval": 6, "validation": 4, None: 5}
+    with pytest.raises(DataError, match=r"not more than held_out \+ validation = 20"):
+        ProblemBandFilter(str(tmp_path / "x"), held_out=16, validation=4).write(rows)
+    with pytest.raises(ValueError, match="validation must be at least 0"):
+        ProblemBandFilter(str(tmp_path), validation=-1)
+    assert not (tmp_path / "x").exists()
+
+
 def test_too_few_problems_in_the_band_is_a_clear_error(tmp_path):
     rows = [candidate(i, c) for i, c in enumerate([0, 8, 1])]
     with pytest.raises(DataError, match=r"only 1 of 3 candidate problems have Avg@n in \(0, 0.3125\)"):
