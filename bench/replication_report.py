@@ -285,7 +285,8 @@ def plot(chosen: dict[str, list[Run]], path: Path) -> None:
             bottom.plot([s + 1 for s in train_steps], [m * 100 for m in mean], color=colors[condition], alpha=0.8)
     top.set_ylabel("held-out Avg@12 (%), 95% band")
     top.grid(alpha=0.3)
-    top.legend(fontsize=8)
+    if top.get_legend_handles_labels()[0]:
+        top.legend(fontsize=8)
     bottom.set_ylabel("training accuracy (%)")
     bottom.set_xlabel("optimizer step")
     bottom.grid(alpha=0.3)

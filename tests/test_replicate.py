@@ -245,7 +245,7 @@ def test_the_whole_design_runs_on_the_tiny_model_and_resumes(replicate, tmp_path
                                                    "train": 4, "held_out": 3, "validation": 3,
                                                    "problems": [{"id": "x", "correct": 1, "n": 8}]}))
     argv = ["--out", str(out), "--results", str(results), "--seeds", "0", "1", "--conditions", "reference", "grpo",
-            "--lr-grid", "1e-4", "1e-3", "--train-problems", "4", "--epochs", "1", "--eval-every", "1",
+            "--lr-grid", "1e-4", "1e-3", "--train-problems", "4", "--epochs", "2", "--eval-every", "1",
             "--max-new-tokens", "8"]
     replicate.main(argv)
     saved = json.loads((results / "replication.json").read_text())
@@ -257,7 +257,7 @@ def test_the_whole_design_runs_on_the_tiny_model_and_resumes(replicate, tmp_path
         assert not (results / "replication" / "runs" / "seed1" / condition / f"lr{other:g}").exists()
         scores = list(csv.DictReader(open(results / "replication" / "runs" / "seed0" / condition / "lr0.0001"
                                           / "scores.csv")))
-        assert {r["step"] for r in scores} == {"1", "2"}  # batch 4 of 4 problems: 1 step per epoch; at end
+        assert {r["step"] for r in scores} == {"1", "2"}  # batch 4 of 4 problems: 1 step per epoch, 2 epochs
         assert sorted({r["problem"] for r in scores if r["split"] == "eval"}) == [f"arith/eval/{i}" for i in (7, 8, 9)]
     text = (results / "replication.md").read_text()
     assert "| Warm start (step 0) |  | 2 | 0/0 |" in text and "Reference solution - Warm start" in text
