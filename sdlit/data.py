@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from jsonargparse import lazy_instance
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
@@ -62,7 +61,9 @@ class RolloutDataModule(LightningDataModule):
     """Streams critic-annotated rollouts sampled from the live solver (or read from a file).
 
     Args:
-        task: Problem source and answer checker (e.g. ``Arith``, ``GSM8K``).
+        task: Problem source and answer checker (e.g. ``Arith``, ``GSM8K``); default ``Arith()``. The default is
+            built here rather than declared, so a config naming another task gets that task's own defaults (a
+            declared ``Arith`` default handed its ``train_size``/``eval_size`` to any task named in YAML).
         batch_size: Problems per training batch.
         rollouts_per_problem: Answers sampled per problem (1 for self-distillation, 8 for GRPO).
         sampling: How training rollouts are sampled: ``temperature`` (paper: 1.1), ``top_p``, ``max_new_tokens``.
@@ -94,7 +95,7 @@ class RolloutDataModule(LightningDataModule):
 
     def __init__(
         self,
-        task: Task = lazy_instance(Arith),
+        task: Task | None = None,
         batch_size: int = 8,
         rollouts_per_problem: int = 1,
         sampling: SamplingSettings = SamplingSettings(),
@@ -119,7 +120,7 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if sampler == "vllm":
             check_vllm_installed()
-        self.task = task
+        self.task = task if task is not None else Arith()
         self.batch_size = batch_size
         self.rollouts_per_problem = rollouts_per_problem
         self.sampling = sampling

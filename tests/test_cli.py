@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import yaml
 from sdlit.cli import run_cli
 
 from conftest import REPO_ROOT as ROOT
-from conftest import print_config
+from conftest import print_config, write_config
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 FRAGMENTS = sorted((ROOT / "callbacks").glob("*.yaml"))
@@ -55,6 +56,33 @@ def test_short_class_names_resolve(capsys):
     assert parsed["data"]["init_args"]["task"]["class_path"].rsplit(".", 1)[-1] == "GSM8K"
     paths = [c["class_path"] for c in parsed["trainer"]["callbacks"]]
     assert [p.rsplit(".", 1)[-1] for p in paths] == ["StepCritique", "BinaryReward"]
+
+
+def test_a_named_task_gets_its_own_defaults_not_the_default_tasks(capsys, tmp_path, tiny_model_dir):
+    """A declared ``Arith`` default once handed its train_size=1000 / eval_size=64 to a GSM8K task named in YAML,
+    so every held-out evaluation of such a config silently stopped after 64 problems."""
+    parsed = print_config(["--config", str(ROOT / "configs/gsm8k/reference.yaml")], capsys)
+    task = parsed["data"]["init_args"]["task"]
+    assert task["class_path"].endswith("GSM8K")
+    assert task["init_args"]["train_size"] is None and task["init_args"]["eval_size"] is None
+    assert print_config([], capsys)["data"]["init_args"]["task"] is None  # built in __init__: Arith()
+
+    rows = tmp_path / "problems.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"{i}+1=<<{i}+1={i + 1}>>{i + 1}"
+                                                   f"\n#### {i + 1}"}) + "\n" for i in range(70)))
+    config = yaml.safe_load(open(write_config(tmp_path, tiny_model_dir, evaluation={
+        "k": 1, "max_new_tokens": 2, "batch_size": 35, "num_problems": None})))
+    config["data"]["init_args"]["task"] = {"class_path": "sdlit.tasks.gsm8k.GSM8K",
+                                           "init_args": {"train_path": str(rows), "eval_path": str(rows)}}
+    config["trainer"]["limit_val_batches"] = None
+    (tmp_path / "gsm8k.yaml").write_text(yaml.safe_dump(config))
+    cli = run_cli(["validate", "--config", str(tmp_path / "gsm8k.yaml")])
+    assert len(cli.datamodule.eval_problems()) == 70 and len(cli.datamodule.task.train_problems()) == 70
+    assert cli.trainer.num_val_batches == [2]  # 70 problems in batches of 35, not 64
+    from sdlit.data import RolloutDataModule
+    from sdlit.tasks.arith import Arith
+
+    assert type(RolloutDataModule().task) is Arith
 
 
 def test_help_lists_subcommands_and_documented_settings():
