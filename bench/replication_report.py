@@ -222,13 +222,23 @@ def reward_table(chosen: dict[str, list[Run]]) -> list[str]:
 
 
 def evaluations_table(runs: list[Run]) -> list[str]:
-    lines = ["| run | step | validation Avg@12 | held-out Avg@12 | held-out Pass@12 | held-out Maj@12 | mean length |",
-             "|---|---|---|---|---|---|---|"]
+    """Every evaluation of every run: validation and held-out Avg@12, held-out Pass/Maj@12, and the held-out
+    Avg@12 against the same seed's warm start, paired, with its 95% interval."""
+    warm = {r.seed: r.scores[0]["eval"] for r in runs if r.condition == "warm"}
+    lines = ["| run | step | validation Avg@12 | held-out Avg@12 [95%] | held-out Pass@12 | held-out Maj@12 "
+             "| held-out Avg@12 - warm start [95%] | mean length |", "|---|---|---|---|---|---|---|---|"]
     for run in sorted(runs, key=lambda r: r.name):
         for step in sorted(run.scores):
+            held = run.scores[step]["eval"]
+            problems = sorted(held)
+            against = ""
+            if run.condition != "warm" and run.seed in warm:
+                against = cell(paired_difference(score_matrix([held], "avg", problems),
+                                                 score_matrix([warm[run.seed]], "avg", problems)), True, True)
             lines.append(f"| {run.name} | {step} | {run.mean(step, 'validation') * 100:.2f} | "
-                         + " | ".join(f"{run.mean(step, 'eval', m) * 100:.2f}" for m in METRICS)
-                         + f" | {run.mean(step, 'eval', 'length'):.1f} |")
+                         f"{cell(bootstrap(score_matrix([held], 'avg', problems)))} | "
+                         + " | ".join(f"{run.mean(step, 'eval', m) * 100:.2f}" for m in ("pass", "maj"))
+                         + f" | {against} | {run.mean(step, 'eval', 'length'):.1f} |")
     return lines
 
 
