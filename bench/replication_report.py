@@ -209,15 +209,19 @@ def difference_table(chosen: dict[str, list[Run]], protocol: str) -> tuple[list[
     return lines, found
 
 
-def reward_table(chosen: dict[str, list[Run]]) -> list[str]:
-    lines = ["| condition | seeds | steps | training accuracy, first quarter of steps | last quarter "
-             "| change per seed |", "|---|---|---|---|---|---|"]
+def reward_table(runs: list[Run]) -> list[str]:
+    """Training accuracy early and late, per condition and learning rate (every recorded seed)."""
+    lines = ["| condition | learning rate | seeds | steps | training accuracy, first quarter of steps | last quarter "
+             "| change per seed |", "|---|---|---|---|---|---|---|"]
     for condition in CONDITIONS:
-        group = [r for r in chosen.get(condition, []) if r.train]
-        if group:
-            early, late, changes = reward_change(group)
-            lines.append(f"| {LABELS[condition]} | {len(group)} | {len(group[0].train)} | {early * 100:.1f} | "
-                         f"{late * 100:.1f} | " + ", ".join(f"{c * 100:+.1f}" for c in changes) + " |")
+        for lr in sorted({r.info["lr"] for r in runs if r.condition == condition}):
+            group = sorted((r for r in runs if r.condition == condition and r.info["lr"] == lr and r.train),
+                           key=lambda r: r.seed)
+            if group:
+                early, late, changes = reward_change(group)
+                lines.append(f"| {LABELS[condition]} | {lr:g} | {len(group)} | {len(group[0].train)} | "
+                             f"{early * 100:.1f} | {late * 100:.1f} | "
+                             + ", ".join(f"{c * 100:+.1f}" for c in changes) + " |")
     return lines
 
 
@@ -242,16 +246,21 @@ def evaluations_table(runs: list[Run]) -> list[str]:
     return lines
 
 
-def advantage_table(chosen: dict[str, list[Run]]) -> list[str]:
+def advantage_table(runs: list[Run]) -> list[str]:
     lines = ["| run | region | mean A_t | mean abs A_t | negative fraction |", "|---|---|---|---|---|"]
-    for condition in ("reference", "critique"):
-        for run in chosen.get(condition, []):
+    for run in sorted(runs, key=lambda r: r.name):
+        if run.condition in ("reference", "critique"):
             adv = run.advantage
             for region in ("before", "at", "after", "all"):
                 if f"{region}_mean" in adv:
                     lines.append(f"| {run.name} | {region} | {adv[f'{region}_mean']:+.4f} | "
                                  f"{adv.get(f'{region}_abs', 0):.4f} | {adv.get(f'{region}_neg_frac', 0):.3f} |")
     return lines
+
+
+def or_none(table: list[str], message: str = "None recorded yet.") -> list[str]:
+    """A table, or ``message`` when it has no rows (only its header)."""
+    return table if len(table) > 2 else [message]
 
 
 def reading(found: dict) -> list[str]:
@@ -269,8 +278,9 @@ def reading(found: dict) -> list[str]:
     return lines
 
 
-def plot(chosen: dict[str, list[Run]], path: Path) -> None:
-    """Held-out Avg@12 against training step with 95% bands, and the training accuracy, per condition."""
+def plot(runs: list[Run], chosen: dict[str, list[Run]], path: Path) -> None:
+    """Held-out Avg@12 against training step: every recorded run thin (from its seed's warm start), each
+    condition's chosen runs bold with a 95% band; below, the training accuracy per step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,6 +288,14 @@ def plot(chosen: dict[str, list[Run]], path: Path) -> None:
 
     colors = {"grpo": "tab:gray", "reference": "tab:blue", "critique": "tab:red"}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    warm = {r.seed: r.mean(0, "eval") for r in runs if r.condition == "warm"}
+    for run in (r for r in runs if r.condition in colors):
+        steps = ([0] if run.seed in warm else []) + sorted(run.scores)
+        values = ([warm[run.seed]] if run.seed in warm else []) + [run.mean(s, "eval") for s in sorted(run.scores)]
+        top.plot(steps, [v * 100 for v in values], color=colors[run.condition], alpha=0.35, linewidth=1,
+                 linestyle="-" if run.info["lr"] == min(r.info["lr"] for r in runs if "lr" in r.info) else "--")
+        bottom.plot([r["step"] + 1 for r in run.train], [r["accuracy"] * 100 for r in run.train],
+                    color=colors[run.condition], alpha=0.35, linewidth=1)
     for condition in CONDITIONS:
         group = chosen.get(condition)
         if not group:
@@ -293,7 +311,9 @@ def plot(chosen: dict[str, list[Run]], path: Path) -> None:
             mean = [sum(next(r["accuracy"] for r in run.train if r["step"] == s) for run in group) / len(group)
                     for s in train_steps]
             bottom.plot([s + 1 for s in train_steps], [m * 100 for m in mean], color=colors[condition], alpha=0.8)
-    top.set_ylabel("held-out Avg@12 (%), 95% band")
+    top.set_ylabel("held-out Avg@12 (%)")
+    top.set_title("thin: every run (dashed: the higher rate); bold: chosen rate, mean of seeds, 95% band",
+                  fontsize=8)
     top.grid(alpha=0.3)
     if top.get_legend_handles_labels()[0]:
         top.legend(fontsize=8)
@@ -346,31 +366,31 @@ def write(records: Path, results: Path, command: str, machine: str, grid: list[f
         "",
         *headline_table(chosen, "validation"),
         "",
-        *diff_lines,
+        *or_none(diff_lines, "No paired difference yet: a condition needs seed 0's whole learning-rate grid first."),
         "",
         "What the intervals allow one to conclude (held-out Avg@12, validation-chosen checkpoints):",
         "",
-        *reading(found),
+        *(reading(found) or ["- Nothing yet."]),
         "",
         "## Beside it: the paper's protocol, best checkpoint chosen on the held-out problems (optimistic)",
         "",
         *headline_table(chosen, "held-out"),
         "",
-        *held_lines,
+        *or_none(held_lines, "No paired difference yet."),
         "",
         "## Learning rate (seed 0, chosen on validation)",
         "",
-        *rate_table(runs, grid),
+        *or_none(rate_table(runs, grid)),
         "",
-        "## Training reward (accuracy of the training rollouts, chosen learning rate)",
+        "## Training reward (accuracy of the training rollouts, every recorded run by learning rate)",
         "",
-        *reward_table(chosen),
+        *or_none(reward_table(runs)),
         "",
         "![held-out Avg@12 and training accuracy](replication.png)",
         "",
         "## Per-token advantage by region (training rollouts; first error placed by the rule-based critic)",
         "",
-        *advantage_table(chosen),
+        *or_none(advantage_table(runs)),
         "",
         "## Every evaluation",
         "",
@@ -388,4 +408,4 @@ def write(records: Path, results: Path, command: str, machine: str, grid: list[f
         "differences_best_on_held_out": {k: {m: vars(i) for m, i in d.items()} for k, d in held_found.items()},
     }
     (results / "replication.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(chosen, results / "replication.png")
+    plot(runs, chosen, results / "replication.png")

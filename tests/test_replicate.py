@@ -173,10 +173,11 @@ def test_rate_and_checkpoint_are_chosen_on_validation_and_reported_with_interval
     assert "- Step-aligned critique - Warm start: +16.67 points" in text and "is above warm start" in text
     assert "| Reference solution (n=1) | 0.0001 | 3 | 4/4/4 | 25.00 [" in text
     assert "GRPO (binary reward" not in text.split("## Learning rate")[0]  # no run of it: no row
-    assert "| Step-aligned critique (n=1) | 3 | 8 | 12.9 | 47.1 | +34.3, +34.3, +34.3 |" in text
+    assert "| Step-aligned critique (n=1) | 0.0003 | 3 | 8 | 12.9 | 47.1 | +34.3, +34.3, +34.3 |" in text
     assert "Wall time of the stages: " in text and "filter 0.5" in text
     # every evaluation, paired with the same seed's warm start: the per-problem offsets cancel exactly
-    assert "| seed0/critique/lr0.0003 | 4 | 40.00 | 30.00 [" in text and "| **+10.00 [+10.00, +10.00]** | 54.0 |" in text
+    assert "| seed0/critique/lr0.0003 | 4 | 40.00 | 30.00 [" in text
+    assert "| **+10.00 [+10.00, +10.00]** | 54.0 |" in text
     assert (results / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
