@@ -327,11 +327,11 @@ def plot(runs: list[Run], chosen: dict[str, list[Run]], path: Path) -> None:
 
 def wall_times(records: Path, runs: list[Run]) -> dict[str, float]:
     seconds = {}
-    for name in ("warmstart.json", "split/filter.json"):
+    for stage, name in (("warmstart", "warmstart.json"), ("filter", "split/filter.json")):
         path = records / name
-        if path.exists() and "seconds" in json.loads(path.read_text()):
-            seconds[name.split("/")[0].removesuffix(".json").replace("split", "filter")] = json.loads(
-                path.read_text())["seconds"]
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+        if "seconds" in recorded:
+            seconds[stage] = recorded["seconds"]
     for run in runs:
         seconds[run.name] = run.info["seconds"]
     return seconds

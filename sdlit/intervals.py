@@ -140,12 +140,13 @@ def compare(before: str | Path, after: str | Path, reps: int = 10_000) -> list[s
     """A Markdown table of two evaluations of the same problems: each metric before and after with its interval,
     and the paired difference with its interval."""
     before_file, after_file = newest_samples(before), newest_samples(after)
-    first, second = problem_scores(read_samples(before_file)), problem_scores(read_samples(after_file))
+    after_samples = read_samples(after_file)
+    first, second = problem_scores(read_samples(before_file)), problem_scores(after_samples)
     if set(first) != set(second):
         raise ValueError(f"{before_file} and {after_file} evaluate different problems: a paired difference needs "
                          "the same ones")
     problems = sorted(first)
-    k = min(len(rows) for rows in read_samples(after_file).values())
+    k = min(len(rows) for rows in after_samples.values())
     lines = [f"held-out: {len(problems)} problems, k={k}; mean [95% bootstrap interval over problems], in %",
              "", "| metric | before | after | after - before |", "|---|---|---|---|"]
     for metric in (*METRICS, "length"):
