@@ -18,7 +18,9 @@ Stages, each a real `sdlit` run whose config is written into its run directory f
 What every finished run measured is kept in `results/replication/` (the split, per-problem scores of every
 evaluation, training curves, advantage statistics): committed, so a later session or machine resumes from it.
 `runs/replication/` is scratch (checkpoints, sample files; a cut fit resumes from its last.ckpt). After every run
-results/replication.md, .png and .json are rebuilt from the records (bench/replication_report.py).
+results/replication.md, .png and .json, and the status blocks of README.md and docs/replication.md, are rebuilt from
+the records (bench/replication_report.py; `python bench/replication_report.py` rebuilds them without running
+anything).
 
     python bench/replicate.py                 # the whole CPU design (docs/replication.md); resumes where it stopped
     python bench/replicate.py --seeds 0       # stop after seed 0 (the learning-rate grid)
@@ -46,6 +48,7 @@ import replication_report as report  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "replication"
 CONDITIONS = report.CONDITIONS
+STATUS_FILES = {ROOT / "README.md": "results/replication.md", ROOT / "docs/replication.md": "../results/replication.md"}
 SPLIT_FILES = ("train.jsonl", "validation.jsonl", "eval.jsonl", "filter.json")
 
 # The CPU design (the defaults) and the GPU one (--gpu): a bigger solver and budget, bf16, vLLM rollouts.
@@ -350,9 +353,17 @@ def main(argv=None) -> None:
                                   {"model": model, "split_dir": split_dir})
                 run_stage(args, out, records, f"seed{seed}/{condition}/lr{lr:g}", "fit", condition, seed, settings,
                           splits, {"condition": condition, "lr": lr, **design(args)})
-                report.write(records, results, command, machine(), args.lr_grid)
-    report.write(records, results, command, machine(), args.lr_grid)
+                publish(args, records, results, command)
+    publish(args, records, results, command)
     print(f"results: {results / 'replication.md'}", flush=True)
+
+
+def publish(args: argparse.Namespace, records: Path, results: Path, command: str) -> None:
+    """Rebuild results/replication.md, .png, .json from the records; with the repository's own results folder,
+    also the status blocks of README.md and docs/replication.md."""
+    report.write(records, results, command, machine(), args.lr_grid)
+    if results == ROOT / "results" and (records / "runs").exists():
+        report.write_status(records, STATUS_FILES, args.lr_grid, args.seeds, args.conditions)
 
 
 def machine() -> str:

@@ -337,6 +337,20 @@ def wall_times(records: Path, runs: list[Run]) -> dict[str, float]:
     return seconds
 
 
+def problems_sentence(split: dict, design: dict) -> str:
+    """Where the problems came from and how they were split, from the filter's record and a run's design."""
+    return (f"Problems: {split['kept']} of {split['candidates']} fresh `arith` problems had the warm-started solver's "
+            f"Avg@{split['problems'][0]['n']} in ({split['low']:g}, {split['high']:g}): {split['held_out']} held "
+            f"out, {split.get('validation', 0)} for validation, {split['train']} for training, of which every "
+            f"condition trains on the first {design['train_problems']} for {design['epochs']} epochs (answers up to "
+            f"{design['max_new_tokens']} tokens).")
+
+
+def wall_time_sentence(seconds: dict[str, float]) -> str:
+    return (f"{sum(seconds.values()) / 60:.1f} min in all ("
+            + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + ")")
+
+
 def write(records: Path, results: Path, command: str, machine: str, grid: list[float]) -> None:
     """results/replication.md, .png and .json from every finished run's records."""
     runs = load_runs(records)
@@ -352,15 +366,10 @@ def write(records: Path, results: Path, command: str, machine: str, grid: list[f
         "# Replication: GRPO vs reference solution vs step-aligned critique, with 95% intervals",
         "",
         f"Written by `{command}` on {machine}, from the records in `results/replication/`.",
-        f"Wall time of the stages: {sum(seconds.values()) / 60:.1f} min in all ("
-        + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + ").",
+        f"Wall time of the stages: {wall_time_sentence(seconds)}.",
         "",
-        f"Problems: {split['kept']} of {split['candidates']} fresh `arith` problems had the warm-started solver's "
-        f"Avg@{split['problems'][0]['n']} in ({split['low']:g}, {split['high']:g}): {split['held_out']} held out, "
-        f"{split.get('validation', 0)} for validation, {split['train']} for training, of which every condition "
-        f"trains on the first {design['train_problems']} for {design['epochs']} epochs (answers up to "
-        f"{design['max_new_tokens']} tokens). Values in %; mean [95% bootstrap interval over held-out problems and "
-        "seeds]. Bold differences exclude 0.",
+        problems_sentence(split, design) + " Values in %; mean [95% bootstrap interval over held-out problems "
+        "and seeds]. Bold differences exclude 0.",
         "",
         "## Headline: checkpoint and learning rate chosen on the validation problems",
         "",
@@ -409,3 +418,93 @@ def write(records: Path, results: Path, command: str, machine: str, grid: list[f
     }
     (results / "replication.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(runs, chosen, results / "replication.png")
+
+
+# ---- the status block in README.md and docs/replication.md ------------------------------------------------------
+STATUS_BEGIN = "<!-- replication status: from results/replication/ -->"
+STATUS_END = "<!-- end replication status -->"
+
+
+def planned_runs(seeds: list[int], conditions: list[str], grid: list[float]) -> int:
+    """The design's runs: per seed the warm start's evaluation and one fit per condition; seed 0 also fits every
+    other learning rate of the grid."""
+    return len(seeds) * (1 + len(conditions)) + (len(conditions) * (len(grid) - 1) if 0 in seeds else 0)
+
+
+def status(records: Path, link: str, command: str, machine: str, grid: list[float], seeds: list[int],
+           conditions: list[str]) -> list[str]:
+    """The status block, built from the records: progress, command, machine, wall time per stage, the split, the
+    validation-chosen headline, the paired differences with their reading and the training reward."""
+    runs = load_runs(records)
+    chosen = headline_runs(runs, grid)
+    split = json.loads((records / "split" / "filter.json").read_text())
+    planned, done = planned_runs(seeds, conditions, grid), len(runs)
+    progress = (f"all {planned} runs of the design are recorded" if done >= planned else
+                f"{done} of the design's {planned} runs are recorded (`make replicate` resumes the rest)")
+    diff_lines, found = difference_table(chosen, "validation")
+    lines = [STATUS_BEGIN,
+             f"Written by `{command}` on {machine}, from the records in `results/replication/` "
+             f"([results/replication.md]({link})): {progress}.", ""]
+    if runs:
+        lines += [f"- Wall time per stage: {wall_time_sentence(wall_times(records, runs))}.",
+                  f"- {problems_sentence(split, next(r.info for r in runs))}", "",
+                  "Checkpoints and learning rates chosen on the validation problems; held-out values in %, mean "
+                  "[95% bootstrap interval over held-out problems and seeds]; bold differences exclude 0.", "",
+                  *headline_table(chosen, "validation"), "",
+                  *or_none(diff_lines, "No paired difference yet: a condition needs seed 0's whole learning-rate "
+                                       "grid first."), "",
+                  "What the intervals allow one to conclude:", "",
+                  *(reading(found) or ["- Nothing yet."]), "",
+                  "Training accuracy (the rollouts' reward), every recorded run:", "",
+                  *or_none(reward_table(runs))]
+    return [*lines, STATUS_END]
+
+
+def replace_status(path: Path, block: list[str]) -> None:
+    """Replace the text between the status markers of ``path`` (README.md, docs/replication.md) by ``block``."""
+    text = path.read_text()
+    begin, end = text.find(STATUS_BEGIN), text.find(STATUS_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"{path}: no replication status markers ({STATUS_BEGIN!r} ... {STATUS_END!r}) to fill")
+    path.write_text(text[:begin] + "\n".join(block) + text[end + len(STATUS_END):])
+
+
+def write_status(records: Path, files: dict[Path, str], grid: list[float], seeds: list[int],
+                 conditions: list[str]) -> None:
+    """Fill the status block of every file in ``files`` (file -> its link to results/replication.md), with the
+    command and machine results/replication.json recorded."""
+    summary_path = records.parent / "replication.json"
+    if not summary_path.exists():  # no finished run yet: nothing to report
+        return
+    summary = json.loads(summary_path.read_text())
+    for path, link in files.items():
+        replace_status(path, status(records, link, summary["command"], summary["machine"], grid, seeds, conditions))
+
+
+def main(argv=None) -> None:
+    """Rebuild results/replication.md, .png, .json and the status blocks from the records, without running
+    anything (the command and machine are those the last `bench/replicate.py` recorded)."""
+    import argparse
+
+    root = Path(__file__).resolve().parents[1]
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--results", default=str(root / "results"), help="replication.md/.png/.json here, records in "
+                                                                    "replication/")
+    p.add_argument("--lr-grid", type=float, nargs="+", default=[1e-4, 3e-4], help="the design's learning rates")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the design's seeds")
+    p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    p.add_argument("--status", nargs="*", default=["README.md=results/replication.md",
+                                                   "docs/replication.md=../results/replication.md"],
+                   help="FILE=LINK: files (relative to the repository) whose status block to fill, and their link "
+                        "to results/replication.md")
+    args = p.parse_args(argv)
+    results = Path(args.results)
+    records = results / "replication"
+    summary = json.loads((results / "replication.json").read_text())
+    write(records, results, summary["command"], summary["machine"], args.lr_grid)
+    files = {root / f.split("=", 1)[0]: f.split("=", 1)[1] for f in args.status}
+    write_status(records, files, args.lr_grid, args.seeds, args.conditions)
+
+
+if __name__ == "__main__":
+    main()

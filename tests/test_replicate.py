@@ -268,3 +268,53 @@ def test_the_whole_design_runs_on_the_tiny_model_and_resumes(replicate, tmp_path
     size = log.stat().st_size
     replicate.main(argv)
     assert log.stat().st_size == size  # finished runs are not run again
+
+
+def test_the_status_blocks_are_filled_from_the_records_and_nothing_else_changes(report, tmp_path):
+    records, results, grid = tmp_path / "results" / "replication", tmp_path / "results", [1e-4, 3e-4]
+    write_filter(records)
+    fake_run(records, "seed0/warm", {"condition": "warm", "seed": 0}, {0: (0.2, 0.2)})
+    fake_run(records, "seed0/critique/lr0.0001", {"condition": "critique", "seed": 0, "lr": 1e-4},
+             {4: (0.30, 0.10), 8: (0.25, 0.12)})
+    fake_run(records, "seed0/critique/lr0.0003", {"condition": "critique", "seed": 0, "lr": 3e-4},
+             {4: (0.10, 0.05), 8: (0.10, 0.05)})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# top\n\nbefore\n{report.STATUS_BEGIN}\nold status\n{report.STATUS_END}\n\nafter\n")
+    report.write(records, results, "python bench/replicate.py", "test machine", grid)
+    report.write_status(records, {readme: "results/replication.md"}, grid, [0, 1, 2], list(report.CONDITIONS))
+    text = readme.read_text()
+    assert text.startswith("# top\n\nbefore\n" + report.STATUS_BEGIN)
+    assert text.endswith(report.STATUS_END + "\n\nafter\n")
+    assert "old status" not in text
+    # 3 seeds x (warm + 3 conditions) + seed 0's second rate for each of the 3 conditions
+    assert "3 of the design's 15 runs are recorded" in text and "on test machine" in text
+    assert "([results/replication.md](results/replication.md))" in text
+    assert "seed0/critique/lr0.0001 1.0" in text and "filter 0.5" in text  # wall time per stage, in minutes
+    # validation chooses lr 1e-4 at step 4, whose held-out Avg is 10 points below the warm start's 20
+    assert "| Step-aligned critique (n=1) | 0.0001 | 1 | 4 | 10.00 [" in text
+    assert "- Step-aligned critique - Warm start: -10.00 points of held-out Avg@12" in text and "is below" in text
+    block = text[text.index(report.STATUS_BEGIN):]
+    report.write_status(records, {readme: "results/replication.md"}, grid, [0, 1, 2], list(report.CONDITIONS))
+    assert readme.read_text() == text  # filling it again changes nothing
+    other = tmp_path / "other.md"
+    other.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="other.md: no replication status markers"):
+        report.write_status(records, {other: "x"}, grid, [0], ["critique"])
+    assert block.count(report.STATUS_END) == 1
+
+
+def test_the_report_is_rebuilt_without_running_anything(report, tmp_path):
+    records, results, grid = tmp_path / "results" / "replication", tmp_path / "results", [1e-4]
+    write_filter(records)
+    fake_run(records, "seed0/warm", {"condition": "warm", "seed": 0}, {0: (0.2, 0.2)})
+    fake_run(records, "seed0/grpo/lr0.0001", {"condition": "grpo", "seed": 0, "lr": 1e-4}, {4: (0.3, 0.3)})
+    report.write(records, results, "python bench/replicate.py --seeds 0", "recorded machine", grid)
+    (results / "replication.md").unlink()
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"{report.STATUS_BEGIN}\n{report.STATUS_END}\n")
+    report.main(["--results", str(results), "--lr-grid", "1e-4", "--seeds", "0", "--conditions", "grpo",
+                 "--status", f"{doc}=../results/replication.md"])
+    written = (results / "replication.md").read_text()
+    assert "Written by `python bench/replicate.py --seeds 0` on recorded machine" in written
+    text = doc.read_text()
+    assert "all 2 runs of the design are recorded" in text and "| GRPO - Warm start | 1 | **+10.00 [" in text
