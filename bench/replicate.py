@@ -181,6 +181,8 @@ def run_sdlit(command: str, config: dict, run_dir: Path, threads: int | None, re
     args = [sys.executable, "-m", "sdlit.cli", command, "--config", str(path)]
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and last.exists():
+        log_into_new_version(config, run_dir)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
         args += ["--ckpt_path", str(last)]
         print(f"   resuming from {last}", flush=True)
     env = dict(os.environ)
@@ -192,6 +194,21 @@ def run_sdlit(command: str, config: dict, run_dir: Path, threads: int | None, re
     if code != 0:
         raise SystemExit(f"sdlit {command} failed (exit {code}): see {run_dir / (command + '.log')}")
     return time.perf_counter() - started
+
+
+def log_versions(run_dir: Path) -> list[Path]:
+    """The run's logger folders (logs/version_N), oldest first."""
+    found = [p for p in (run_dir / "logs").glob("version_*") if p.name.removeprefix("version_").isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("version_")))
+
+
+def log_into_new_version(config: dict, run_dir: Path) -> None:
+    """Point a resumed fit's loggers at a new version folder. Reopening the old one would lose its history:
+    Lightning's CSVLogger deletes the metrics.csv of a version it opens again."""
+    versions = log_versions(run_dir)
+    version = int(versions[-1].name.removeprefix("version_")) + 1 if versions else 0
+    for logger in config["trainer"].get("logger") or []:
+        logger.setdefault("init_args", {})["version"] = version
 
 
 # ---- durable records --------------------------------------------------------------------------------------
@@ -211,7 +228,11 @@ def write_scores(run_dir: Path, record_dir: Path, splits: dict[str, tuple[str, s
     from sdlit.intervals import problem_scores, read_samples
 
     rows = []
-    for path in sorted(run_dir.glob("logs/version_*/samples/val_step*.csv")):
+    by_step = {}  # a step evaluated again after a resume: the later version's samples
+    for version in log_versions(run_dir):
+        for path in sorted(version.glob("samples/val_step*.csv")):
+            by_step[path.name] = path
+    for path in sorted(by_step.values(), key=lambda p: p.name):
         samples = read_samples(path)
         for problem, scores in problem_scores(samples).items():
             first = samples[problem][0]
@@ -230,15 +251,23 @@ def write_scores(run_dir: Path, record_dir: Path, splits: dict[str, tuple[str, s
 def write_training(run_dir: Path, record_dir: Path) -> None:
     """Per optimizer step the training accuracy (the binary reward) and loss, and the mean per-token advantage
     statistics (advantage/*) of the run's metrics.csv files."""
-    steps, advantage = {}, {}
-    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
-        for row in csv.DictReader(open(path, newline="")):
+    steps, per_step = {}, {}  # a step logged again after a resume: the later version's row
+    for version in log_versions(run_dir):
+        if not (version / "metrics.csv").exists():
+            continue
+        for row in csv.DictReader(open(version / "metrics.csv", newline="")):
+            step = int(row["step"])
             if row.get("train/accuracy"):
-                steps[int(row["step"])] = {"step": int(row["step"]), "accuracy": float(row["train/accuracy"]),
-                                           "loss": float(row["train/loss"]) if row.get("train/loss") else ""}
-            for key, value in row.items():
-                if key.startswith("advantage/") and value not in ("", None):
-                    advantage.setdefault(key.removeprefix("advantage/"), []).append(float(value))
+                steps[step] = {"step": step, "accuracy": float(row["train/accuracy"]),
+                               "loss": float(row["train/loss"]) if row.get("train/loss") else ""}
+            logged = {k.removeprefix("advantage/"): float(v) for k, v in row.items()
+                      if k.startswith("advantage/") and v not in ("", None)}
+            if logged:
+                per_step.setdefault(step, {}).update(logged)
+    advantage = {}
+    for step in sorted(per_step):
+        for key, value in per_step[step].items():
+            advantage.setdefault(key, []).append(value)
     with open(record_dir / "train.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=("step", "accuracy", "loss"))
         writer.writeheader()
@@ -252,7 +281,23 @@ def record_run(run_dir: Path, record_dir: Path, splits: dict, info: dict, traini
     write_scores(run_dir, record_dir, splits)
     if training:
         write_training(run_dir, record_dir)
+        missing = missing_evaluations(record_dir, info["eval_every"])
+        if missing:
+            print(f"   WARNING: no evaluation recorded at steps {missing} (a fit cut during one of them and resumed "
+                  "after it); run.json lists them, the report marks the run", flush=True)
+            info = {**info, "missing_evaluations": missing}
     (record_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def missing_evaluations(record_dir: Path, eval_every: int) -> list[int]:
+    """The scheduled evaluation steps (every ``eval_every`` optimizer steps and the last) without scores."""
+    trained = [int(r["step"]) for r in csv.DictReader(open(record_dir / "train.csv", newline=""))]
+    if not trained:
+        return []
+    last = max(trained) + 1  # metrics count steps from 0; evaluations run after step N's update, named N
+    scheduled = set(range(eval_every, last + 1, eval_every)) | {last}
+    evaluated = {int(r["step"]) for r in csv.DictReader(open(record_dir / "scores.csv", newline=""))}
+    return sorted(scheduled - evaluated)
 
 
 def sha256(path: Path) -> str:

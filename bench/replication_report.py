@@ -51,9 +51,10 @@ class Run:
         return sum(values) / len(values)
 
     def best_step(self, split: str) -> int:
-        """The training evaluation (step > 0) with the highest mean Avg on ``split``; the earliest on ties."""
+        """The training evaluation (step > 0) with the highest mean Avg on ``split``; the earliest on ties (to 5
+        decimals, as in :func:`choose`)."""
         trained = [s for s in self.scores if s > 0] or list(self.scores)
-        return max(trained, key=lambda s: (self.mean(s, split), -s))
+        return max(trained, key=lambda s: (round(self.mean(s, split), 5), -s))
 
 
 def load_runs(records: Path) -> list[Run]:
@@ -81,9 +82,14 @@ def rate_runs(runs: list[Run], condition: str, grid: list[float]) -> dict[float,
 
 
 def choose(by_rate: dict[float, Run]) -> float:
-    """The rate whose best validation checkpoint scores highest (the smaller rate on ties)."""
-    return max(sorted(by_rate), key=lambda lr: (by_rate[lr].mean(by_rate[lr].best_step("validation"), "validation"),
-                                                -lr))
+    """The rate whose best validation checkpoint scores highest (the smaller rate on ties). Means are compared to 5
+    decimals: the records keep per-problem scores to 6, so two equal counts of correct samples spread over
+    different problems would otherwise differ in the 7th."""
+    def score(lr: float) -> tuple[float, float]:
+        run = by_rate[lr]
+        return round(run.mean(run.best_step("validation"), "validation"), 5), -lr
+
+    return max(sorted(by_rate), key=score)
 
 
 def chosen_rate(records: Path, condition: str, grid: list[float]) -> float:
@@ -258,6 +264,13 @@ def advantage_table(runs: list[Run]) -> list[str]:
     return lines
 
 
+def missing_note(runs: list[Run]) -> list[str]:
+    """A line per run whose record lacks scheduled evaluations (a fit cut during one and resumed after it)."""
+    return [f"Missing evaluations: {run.name} has none at steps {run.info['missing_evaluations']} (cut during the "
+            "evaluation and resumed after it); its choices use the evaluations it has.\n"
+            for run in sorted(runs, key=lambda r: r.name) if run.info.get("missing_evaluations")]
+
+
 def or_none(table: list[str], message: str = "None recorded yet.") -> list[str]:
     """A table, or ``message`` when it has no rows (only its header)."""
     return table if len(table) > 2 else [message]
@@ -405,6 +418,7 @@ def write(records: Path, results: Path, command: str, machine: str, grid: list[f
         "",
         *evaluations_table(runs),
         "",
+        *missing_note(runs),
     ]
     results.mkdir(parents=True, exist_ok=True)
     (results / "replication.md").write_text("\n".join(text))

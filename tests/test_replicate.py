@@ -181,6 +181,20 @@ def test_rate_and_checkpoint_are_chosen_on_validation_and_reported_with_interval
     assert (results / "replication.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_equal_validation_scores_spread_over_other_problems_are_a_tie(report):
+    """The records keep per-problem Avg to 6 decimals: 3 of 12 right on one problem and 1 of 12 on each of three
+    are the same validation score, so the grid's rule for ties (the smaller rate) decides, not the rounding."""
+    def run(lr: float, avgs: list[float]):
+        found = report.Run(f"lr{lr:g}", {"condition": "grpo", "seed": 0, "lr": lr})
+        found.scores = {8: {"validation": {f"p{i}": {"avg": a} for i, a in enumerate(avgs)}}}
+        return found
+
+    spread, one = run(1e-4, [round(1 / 12, 6)] * 3), run(3e-4, [0.25, 0.0, 0.0])
+    assert spread.mean(8, "validation") < one.mean(8, "validation")  # 0.249999 / 3 < 0.25 / 3
+    assert report.choose({1e-4: spread, 3e-4: one}) == 1e-4
+    assert report.choose({1e-4: run(1e-4, [0.25, 0.0, 0.0]), 3e-4: run(3e-4, [1 / 3, 0.0, 0.0])}) == 3e-4
+
+
 def test_finished_runs_are_skipped_and_cut_fits_resume(replicate, tmp_path, monkeypatch):
     calls = []
 
@@ -210,6 +224,42 @@ def test_finished_runs_are_skipped_and_cut_fits_resume(replicate, tmp_path, monk
     monkeypatch.setattr(replicate.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, 3))
     with pytest.raises(SystemExit, match="sdlit fit failed \\(exit 3\\)"):
         replicate.run_sdlit("fit", config, run_dir, threads=None)
+
+
+def test_a_resumed_fit_keeps_what_it_logged_before_the_cut_and_reports_a_lost_evaluation(replicate, tmp_path,
+                                                                                         monkeypatch):
+    """Lightning's CSVLogger deletes the metrics.csv of a version it opens again: a resumed fit logs into the next
+    version, the records merge them (a step logged twice: the later), and an evaluation the cut lost is named."""
+    monkeypatch.setattr(replicate.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, 0))
+    run_dir = tmp_path / "run"
+    first = run_dir / "logs" / "version_0"
+    first.mkdir(parents=True)
+    (first / "metrics.csv").write_text("step,train/accuracy,train/loss,advantage/at_mean,val/avg@12\n"
+                                       + "".join(f"{s},0.25,1.0,-0.5,\n" for s in range(6))
+                                       + "3,,,,0.1\n")  # an evaluation row (not a training step)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    config = replicate.run_config("critique", run_dir)
+    replicate.run_sdlit("fit", config, run_dir, threads=None, resume=True)
+    written = replicate.yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert [lg["init_args"]["version"] for lg in written["trainer"]["logger"]] == [1]
+    second = run_dir / "logs" / "version_1"
+    second.mkdir()
+    (second / "metrics.csv").write_text("step,train/accuracy,train/loss,advantage/at_mean\n"
+                                        + "".join(f"{s},0.75,0.5,-0.1\n" for s in range(5, 8)))
+    write_split(tmp_path / "split", ["qa"], ["qb"])
+    right = ("7", True, 10)
+    write_samples(first / "samples" / "val_step000004.csv", 4, {"qa": [right], "qb": [right]})
+    write_samples(second / "samples" / "val_step000008.csv", 8, {"qa": [right], "qb": [right]})
+    info = {"eval_every": 2, "seed": 0}
+    replicate.record_run(run_dir, tmp_path / "record", replicate.problem_splits(tmp_path / "split"), info, True)
+    train = list(csv.DictReader(open(tmp_path / "record" / "train.csv")))
+    assert [(r["step"], float(r["accuracy"])) for r in train] == [
+        ("0", 0.25), ("1", 0.25), ("2", 0.25), ("3", 0.25), ("4", 0.25), ("5", 0.75), ("6", 0.75), ("7", 0.75)]
+    advantage = json.loads((tmp_path / "record" / "advantage.json").read_text())
+    assert advantage["at_mean"] == pytest.approx((5 * -0.5 + 3 * -0.1) / 8)  # one value per step
+    saved = json.loads((tmp_path / "record" / "run.json").read_text())
+    assert saved["missing_evaluations"] == [2, 6]  # scheduled 2, 4, 6, 8; scored 4 and 8
 
 
 def test_a_different_warm_start_is_refused(replicate, tmp_path):
@@ -276,12 +326,14 @@ def test_the_status_blocks_are_filled_from_the_records_and_nothing_else_changes(
     fake_run(records, "seed0/warm", {"condition": "warm", "seed": 0}, {0: (0.2, 0.2)})
     fake_run(records, "seed0/critique/lr0.0001", {"condition": "critique", "seed": 0, "lr": 1e-4},
              {4: (0.30, 0.10), 8: (0.25, 0.12)})
-    fake_run(records, "seed0/critique/lr0.0003", {"condition": "critique", "seed": 0, "lr": 3e-4},
-             {4: (0.10, 0.05), 8: (0.10, 0.05)})
+    fake_run(records, "seed0/critique/lr0.0003", {"condition": "critique", "seed": 0, "lr": 3e-4,
+                                                  "missing_evaluations": [12]}, {4: (0.10, 0.05), 8: (0.10, 0.05)})
     readme = tmp_path / "README.md"
     readme.write_text(f"# top\n\nbefore\n{report.STATUS_BEGIN}\nold status\n{report.STATUS_END}\n\nafter\n")
     report.write(records, results, "python bench/replicate.py", "test machine", grid)
     report.write_status(records, {readme: "results/replication.md"}, grid, [0, 1, 2], list(report.CONDITIONS))
+    written = (results / "replication.md").read_text()
+    assert "Missing evaluations: seed0/critique/lr0.0003 has none at steps [12]" in written
     text = readme.read_text()
     assert text.startswith("# top\n\nbefore\n" + report.STATUS_BEGIN)
     assert text.endswith(report.STATUS_END + "\n\nafter\n")
