@@ -408,7 +408,9 @@ def publish(args: argparse.Namespace, records: Path, results: Path, command: str
     also the status blocks of README.md and docs/replication.md."""
     report.write(records, results, command, machine(), args.lr_grid)
     if results == ROOT / "results" and (records / "runs").exists():
-        report.write_status(records, STATUS_FILES, args.lr_grid, args.seeds, args.conditions)
+        preset = GPU if args.gpu else CPU  # the design's progress, also when this invocation runs part of it
+        seeds, conditions = sorted({*args.seeds, *preset["seeds"]}), sorted({*args.conditions, *CONDITIONS})
+        report.write_status(records, STATUS_FILES, args.lr_grid, seeds, conditions)
 
 
 def machine() -> str:

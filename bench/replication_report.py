@@ -457,7 +457,7 @@ def status(records: Path, link: str, command: str, machine: str, grid: list[floa
                 f"{done} of the design's {planned} runs are recorded (`make replicate` resumes the rest)")
     diff_lines, found = difference_table(chosen, "validation")
     lines = [STATUS_BEGIN,
-             f"Written by `{command}` on {machine}, from the records in `results/replication/` "
+             f"Written by `{command}` (the latest invocation) on {machine}, from the records in `results/replication/` "
              f"([results/replication.md]({link})): {progress}.", ""]
     if runs:
         lines += [f"- Wall time per stage: {wall_time_sentence(wall_times(records, runs))}.",
