@@ -48,7 +48,7 @@ import replication_report as report  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "replication"
 CONDITIONS = report.CONDITIONS
-STATUS_FILES = {ROOT / "README.md": "results/replication.md", ROOT / "docs/replication.md": "../results/replication.md"}
+STATUS_FILES = {ROOT / name: link for name, link in report.STATUS_FILES.items()}
 SPLIT_FILES = ("train.jsonl", "validation.jsonl", "eval.jsonl", "filter.json")
 
 # The CPU design (the defaults) and the GPU one (--gpu): a bigger solver and budget, bf16, vLLM rollouts.
@@ -177,12 +177,13 @@ def run_sdlit(command: str, config: dict, run_dir: Path, threads: int | None, re
     """Write ``config`` to ``run_dir/config.yaml`` and run ``sdlit <command>`` on it; return its wall seconds."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resuming = resume and last.exists()
+    if resuming:
+        log_into_new_version(config, run_dir)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     args = [sys.executable, "-m", "sdlit.cli", command, "--config", str(path)]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if resume and last.exists():
-        log_into_new_version(config, run_dir)
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if resuming:
         args += ["--ckpt_path", str(last)]
         print(f"   resuming from {last}", flush=True)
     env = dict(os.environ)

@@ -437,6 +437,7 @@ def write(records: Path, results: Path, command: str, machine: str, grid: list[f
 # ---- the status block in README.md and docs/replication.md ------------------------------------------------------
 STATUS_BEGIN = "<!-- replication status: from results/replication/ -->"
 STATUS_END = "<!-- end replication status -->"
+STATUS_FILES = {"README.md": "results/replication.md", "docs/replication.md": "../results/replication.md"}  # -> link
 
 
 def planned_runs(seeds: list[int], conditions: list[str], grid: list[float]) -> int:
@@ -507,8 +508,7 @@ def main(argv=None) -> None:
     p.add_argument("--lr-grid", type=float, nargs="+", default=[1e-4, 3e-4], help="the design's learning rates")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the design's seeds")
     p.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
-    p.add_argument("--status", nargs="*", default=["README.md=results/replication.md",
-                                                   "docs/replication.md=../results/replication.md"],
+    p.add_argument("--status", nargs="*", default=[f"{name}={link}" for name, link in STATUS_FILES.items()],
                    help="FILE=LINK: files (relative to the repository) whose status block to fill, and their link "
                         "to results/replication.md")
     args = p.parse_args(argv)
